@@ -1,0 +1,32 @@
+"""keras_simloss: class-similarity losses and similarity-preserving distillation.
+
+- `SimLoss`: cross entropy that knows which classes are alike
+  (Kobs et al., 2020, https://arxiv.org/abs/2003.03182).
+- `keras_simloss.similarity`: builders of class-similarity matrices.
+- `keras_simloss.metrics`: metrics of how good the mistakes are.
+"""
+
+from keras_simloss import datasets, metrics, similarity
+from keras_simloss.losses import SimLoss, sim_loss
+from keras_simloss.metrics import (
+    ClassMeanAbsoluteError,
+    ClassMeanSquaredError,
+    FailedSuperclassAccuracy,
+    MistakeSeverity,
+    SuperclassAccuracy,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClassMeanAbsoluteError",
+    "ClassMeanSquaredError",
+    "FailedSuperclassAccuracy",
+    "MistakeSeverity",
+    "SimLoss",
+    "SuperclassAccuracy",
+    "datasets",
+    "metrics",
+    "sim_loss",
+    "similarity",
+]

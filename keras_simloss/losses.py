@@ -1,0 +1,164 @@
+"""SimLoss: cross entropy that knows which classes are alike."""
+
+import keras
+from keras import ops
+
+from keras_simloss import _utils
+from keras_simloss import similarity as similarity_lib
+
+__all__ = ["SimLoss", "sim_loss"]
+
+
+def sim_loss(y_true, y_pred, similarity, from_logits=False):
+    """Per-example SimLoss (Kobs et al., Eq. 1).
+
+    For a label `y`, predicted probabilities `p` and a class similarity `S`:
+
+        loss = -log( sum_c S[y, c] * p_c )
+
+    With `S` the identity this is sparse categorical cross entropy. From
+    logits `z` it is computed in log space as
+    `logsumexp(z) - logsumexp(z + log S[y])`, where `log 0 = -inf` and the unit
+    diagonal keeps one finite term. From probabilities it follows Keras's
+    cross entropy: probabilities are clipped to
+    `[epsilon, 1 - epsilon]` and renormalised, so
+    `loss = log(sum_c p_c) - log(sum_c S[y, c] p_c)`. Both run in float32
+    whatever the inputs' dtype.
+
+    Args:
+        y_true: integer labels of shape `(batch,)` or `(batch, 1)`, or one-hot
+            labels of shape `(batch, C)`.
+        y_pred: logits or probabilities of shape `(batch, C)`.
+        similarity: a `keras_simloss.similarity.Similarity` or a `(C, C)`
+            array-like.
+        from_logits: whether `y_pred` holds logits. Defaults to `False`.
+
+    Returns:
+        A float32 tensor of shape `(batch,)`.
+
+    Example:
+
+    >>> from keras_simloss import similarity
+    >>> loss = sim_loss([0], [[0.2, 0.5, 0.3]], similarity.ordinal(3, 0.5))
+    >>> round(float(loss[0]), 6)  # -log(0.2 + 0.5 * 0.5 + 0.25 * 0.3)
+    0.644357
+
+    Reference:
+        Kobs et al., "SimLoss: Class Similarities in Cross Entropy", 2020.
+        https://arxiv.org/abs/2003.03182
+    """
+    similarity = similarity_lib.get(similarity)
+    # float32 whatever the policy: float16 rounds small probabilities to 0
+    # and overflows exp of moderate logits.
+    y_pred = ops.cast(ops.convert_to_tensor(y_pred), "float32")
+    y_true = ops.convert_to_tensor(y_true)
+    num_classes = _utils.static_num_classes(y_pred)
+    _utils.check_num_classes(similarity.num_classes, num_classes, "SimLoss")
+    labels = _utils.sparse_labels(y_true, num_classes)
+    if from_logits:
+        return ops.logsumexp(y_pred, axis=-1) - similarity.log_weighted_sum_exp(
+            labels, y_pred
+        )
+    epsilon = keras.config.epsilon()
+    # As in Keras's cross entropy: clip so that log never sees 0, and divide by
+    # the total so unnormalised inputs are treated as distributions. The unit
+    # diagonal keeps the weighted sum >= epsilon.
+    probabilities = ops.clip(y_pred, epsilon, 1.0 - epsilon)
+    total = ops.sum(probabilities, axis=-1)
+    return ops.log(total) - ops.log(similarity.weighted_sum(labels, probabilities))
+
+
+@keras.saving.register_keras_serializable(package="keras_simloss")
+class SimLoss(keras.losses.Loss):
+    """Cross entropy with class similarities (SimLoss).
+
+    For a label `y`, predicted probabilities `p` and a class-similarity
+    matrix `S` with entries in `[0, 1]` and a unit diagonal:
+
+        loss = -log( sum_c S[y, c] * p_c )
+
+    Probability mass on classes similar to the true one counts partly as
+    correct, so "31 instead of 30" or "rose instead of tulip" costs less than
+    "truck instead of rose". `S = identity` gives sparse categorical cross
+    entropy. The loss is 0 when all mass is on the true class.
+
+    Logits are handled in log space and everything runs in float32, so the
+    loss is finite for extreme logits and under mixed precision. Structured
+    similarities (`ordinal`, `from_embeddings`, `from_hierarchy`, `top_k`)
+    compute only the rows of the batch's labels and never a `C x C` matrix.
+
+    Args:
+        similarity: the class similarity: a
+            `keras_simloss.similarity.Similarity` (from `ordinal`,
+            `from_embeddings`, `from_hierarchy`, `lower_bound`, `top_k`) or a
+            `(C, C)` array-like with entries in `[0, 1]` and a unit diagonal.
+        from_logits: whether `y_pred` holds logits rather than
+            probabilities. Defaults to `False`.
+        reduction: as for any Keras loss. Defaults to `"sum_over_batch_size"`.
+        name: Defaults to `"sim_loss"`.
+        dtype: dtype of the reduced loss. The per-example loss is always
+            computed in float32. Defaults to `None` (`keras.config.floatx()`).
+
+    Labels: integer class indices of shape `(batch,)` or `(batch, 1)`, or
+    one-hot rows of shape `(batch, C)`. In eager mode, labels out of range and
+    soft (non one-hot) rows raise a `ValueError`. Inside a compiled
+    `train_step` (graph or XLA) values cannot be checked; XLA clamps
+    out-of-range indices of a gather, so such labels give a wrong loss rather
+    than an error.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_simloss import SimLoss, similarity
+    >>> loss = SimLoss(similarity.ordinal(3, reduction_factor=0.5))
+    >>> # -log(0.2 * 1 + 0.5 * 0.5 + 0.3 * 0.25) = -log(0.525)
+    >>> round(float(loss(np.array([0]), np.array([[0.2, 0.5, 0.3]]))), 6)
+    0.644357
+
+    In a model: `model.compile(loss=SimLoss(similarity.ordinal(90, 0.8)))`.
+
+    Reference:
+        Kobs, Steininger, Zehe, Lautenschlager, Hotho, "SimLoss: Class
+        Similarities in Cross Entropy", 2020. https://arxiv.org/abs/2003.03182
+    """
+
+    def __init__(
+        self,
+        similarity,
+        from_logits=False,
+        reduction="sum_over_batch_size",
+        name="sim_loss",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        if not isinstance(from_logits, bool):
+            raise TypeError(
+                "Invalid type for argument `from_logits`. Expected a bool. "
+                f"Received: from_logits={from_logits!r}"
+            )
+        self.similarity = similarity_lib.get(similarity)
+        self.from_logits = from_logits
+
+    @property
+    def num_classes(self):
+        """The number of classes `C` of the similarity."""
+        return self.similarity.num_classes
+
+    def call(self, y_true, y_pred):
+        return sim_loss(y_true, y_pred, self.similarity, from_logits=self.from_logits)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "similarity": keras.saving.serialize_keras_object(self.similarity),
+                "from_logits": self.from_logits,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["similarity"] = similarity_lib.get(config["similarity"])
+        return cls(**config)

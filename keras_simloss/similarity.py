@@ -1,0 +1,782 @@
+"""Class-similarity matrices for `SimLoss` and `MistakeSeverity`.
+
+A class similarity `S` is a `C x C` matrix with entries in `[0, 1]` and a unit
+diagonal: `S[i, j]` says how acceptable it is to predict class `j` when the
+answer is class `i`. This module builds `S` from the sources a user has:
+
+- `ordinal(num_classes, reduction_factor)`: ordered classes (ages, ratings),
+  `S[i, j] = r ** |i - j|` (Kobs et al., Eq. 2).
+- `lower_bound(similarities, lower_bound)`: any similarity table, rescaled so
+  that values below the bound `l` count as unrelated (Eq. 3).
+- `from_embeddings(vectors, lower_bound)`: cosine similarity of class-name
+  embeddings (word vectors), clipped at 0, then Eq. 3.
+- `from_hierarchy(ancestors, similarities)`: classes that share a parent
+  (e.g. CIFAR-100's superclasses) get a fixed similarity.
+- `top_k(similarity, k)`: keeps only the `k` most similar classes per class,
+  for label spaces too large for a dense matrix.
+
+Each builder returns a `Similarity`. It stores only what it was built from
+(so a 1,000-class ordinal matrix is two numbers in a saved config), computes
+the rows it needs inside the loss with `keras.ops`, and turns into the dense
+`float32` matrix with `numpy.asarray(similarity)`. Structured similarities
+(ordinal, embeddings, hierarchy, sparse) never build `C x C` inside the loss:
+they compute the rows of the batch's labels on the fly, so they scale to
+label spaces where a dense matrix would not fit in memory.
+
+Reference:
+    Kobs, Steininger, Zehe, Lautenschlager, Hotho, "SimLoss: Class
+    Similarities in Cross Entropy", 2020. https://arxiv.org/abs/2003.03182
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+__all__ = [
+    "EmbeddingSimilarity",
+    "HierarchySimilarity",
+    "MatrixSimilarity",
+    "OrdinalSimilarity",
+    "Similarity",
+    "SparseSimilarity",
+    "from_embeddings",
+    "from_hierarchy",
+    "get",
+    "lower_bound",
+    "ordinal",
+    "top_k",
+]
+
+_PACKAGE = "keras_simloss"
+
+# Dense matrices up to this many classes are checked entry by entry after a
+# builder made them (C^2 work); larger ones rely on the argument checks, which
+# already guarantee the properties.
+_MAX_CLASSES_CHECKED_DENSE = 2048
+
+
+def _check_number(name, value, low, high, high_inclusive=False):
+    """Validates a scalar argument in `[low, high)` (or `[low, high]`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(
+            f"Invalid type for argument `{name}`. Expected a number. "
+            f"Received: {name}={value!r} of type {type(value).__name__}"
+        )
+    upper = "<=" if high_inclusive else "<"
+    if not (
+        math.isfinite(value)
+        and low <= value
+        and (value <= high if high_inclusive else value < high)
+    ):
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected {low} <= {name} "
+            f"{upper} {high}. Received: {name}={value}"
+        )
+    return float(value)
+
+
+def _check_num_classes(num_classes, name="num_classes"):
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+        raise TypeError(
+            f"Invalid type for argument `{name}`. Expected an int. "
+            f"Received: {name}={num_classes!r} of type "
+            f"{type(num_classes).__name__}"
+        )
+    if num_classes < 2:
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected {name} >= 2. "
+            f"Received: {name}={num_classes}"
+        )
+    return int(num_classes)
+
+
+def validate_matrix(matrix, name="similarity"):
+    """Checks that `matrix` is a valid class similarity; returns it as float32.
+
+    Valid means: a square 2-D array of at least 2 classes, finite, with every
+    entry in `[0, 1]` and a diagonal of exactly 1.
+
+    Args:
+        matrix: array-like of shape `(C, C)`.
+        name: the argument name used in error messages.
+
+    Returns:
+        A `float32` NumPy array of shape `(C, C)`.
+    """
+    try:
+        array = np.asarray(matrix, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"Invalid value for argument `{name}`. Expected a square matrix of "
+            f"numbers. Received: {name} of type {type(matrix).__name__} "
+            f"({error})"
+        ) from None
+    if array.ndim != 2 or array.shape[0] != array.shape[1] or array.shape[0] < 2:
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected a square matrix of "
+            f"shape (C, C) with C >= 2. Received: {name}.shape={array.shape}"
+        )
+    if not np.all(np.isfinite(array)):
+        where = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected finite values. "
+            f"Received: {name}[{where[0]}, {where[1]}]={array[where]}"
+        )
+    outside = (array < 0) | (array > 1)
+    if np.any(outside):
+        where = tuple(int(i) for i in np.argwhere(outside)[0])
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected every entry in "
+            f"[0, 1]. Received: {name}[{where[0]}, {where[1]}]={array[where]}"
+        )
+    diagonal = np.diagonal(array)
+    if np.any(diagonal != 1):
+        i = int(np.argmax(diagonal != 1))
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected a diagonal of "
+            f"exactly 1 (every class is fully similar to itself). Received: "
+            f"{name}[{i}, {i}]={diagonal[i]}"
+        )
+    return array.astype(np.float32)
+
+
+class Similarity:
+    """Base class of a `C x C` class similarity stored in compact form.
+
+    Subclasses implement `rows` (the similarity rows of a batch of labels, with
+    `keras.ops`, traceable under XLA) and `numpy_rows` (the same in NumPy,
+    outside the graph), plus `get_config`. Losses and metrics call
+    `log_weighted_sum_exp`, `weighted_sum` and `pairs`; a subclass with a
+    cheaper form (such as sparse neighbour lists) overrides them.
+
+    `numpy.asarray(similarity)` gives the dense `float32` matrix.
+    """
+
+    num_classes = None
+
+    def rows(self, labels):
+        """Rows `S[labels]` as a `float32` tensor of shape `(batch, C)`."""
+        raise NotImplementedError
+
+    def numpy_rows(self, classes):
+        """Rows `S[classes]` as a `float32` NumPy array, computed eagerly."""
+        raise NotImplementedError
+
+    def log_rows(self, labels):
+        """`log(S[labels])`, `-inf` where the similarity is 0."""
+        return ops.log(self.rows(labels))
+
+    def log_weighted_sum_exp(self, labels, logits):
+        """`log(sum_c S[y, c] * exp(z_c))` for each example; shape `(batch,)`.
+
+        Computed as `logsumexp(z + log S[y])`: entries with similarity 0 get
+        `-inf` and drop out, and the unit diagonal keeps one finite term.
+        """
+        return ops.logsumexp(logits + self.log_rows(labels), axis=-1)
+
+    def weighted_sum(self, labels, probabilities):
+        """`sum_c S[y, c] * p_c` for each example; shape `(batch,)`."""
+        return ops.sum(self.rows(labels) * probabilities, axis=-1)
+
+    def pairs(self, labels, classes):
+        """`S[labels[i], classes[i]]` for each example; shape `(batch,)`."""
+        picked = ops.take_along_axis(
+            self.rows(labels), ops.expand_dims(classes, -1), axis=-1
+        )
+        return ops.squeeze(picked, -1)
+
+    def __array__(self, dtype=None, copy=None):
+        matrix = np.concatenate(
+            [
+                self.numpy_rows(np.arange(start, min(start + 1024, self.num_classes)))
+                for start in range(0, self.num_classes, 1024)
+            ]
+        )
+        return matrix if dtype is None else matrix.astype(dtype)
+
+    def get_config(self):
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(num_classes={self.num_classes})"
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class MatrixSimilarity(Similarity):
+    """A class similarity given as a full `C x C` matrix.
+
+    Use it for hand-made tables, confusion-derived similarities, or any matrix
+    that has no smaller description. The config stores the whole matrix; the
+    builders in this module store only their arguments instead.
+
+    Args:
+        matrix: array-like of shape `(C, C)`, entries in `[0, 1]`, diagonal 1.
+
+    Example:
+
+    >>> s = MatrixSimilarity([[1.0, 0.5], [0.5, 1.0]])
+    >>> s.num_classes
+    2
+    """
+
+    def __init__(self, matrix):
+        self.matrix = validate_matrix(matrix, name="matrix")
+        self.num_classes = self.matrix.shape[0]
+
+    def rows(self, labels):
+        return ops.take(ops.convert_to_tensor(self.matrix), labels, axis=0)
+
+    def numpy_rows(self, classes):
+        return self.matrix[np.asarray(classes)]
+
+    def __array__(self, dtype=None, copy=None):
+        return self.matrix.copy() if dtype is None else self.matrix.astype(dtype)
+
+    def get_config(self):
+        return {"matrix": self.matrix.tolist()}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class OrdinalSimilarity(Similarity):
+    """Similarity of ordered classes: `S[i, j] = r ** |i - j|` (Eq. 2).
+
+    Built by `ordinal`; see there.
+    """
+
+    def __init__(self, num_classes, reduction_factor):
+        self.num_classes = _check_num_classes(num_classes)
+        self.reduction_factor = _check_number(
+            "reduction_factor", reduction_factor, 0.0, 1.0
+        )
+
+    def _distances(self, labels):
+        classes = ops.arange(self.num_classes, dtype="int32")
+        return ops.cast(
+            ops.abs(ops.expand_dims(labels, -1) - ops.expand_dims(classes, 0)),
+            "float32",
+        )
+
+    def rows(self, labels):
+        # 0 ** 0 == 1, so reduction_factor=0 gives the identity rows.
+        return ops.power(
+            ops.convert_to_tensor(self.reduction_factor, "float32"),
+            self._distances(labels),
+        )
+
+    def log_rows(self, labels):
+        distances = self._distances(labels)
+        if self.reduction_factor == 0.0:
+            return ops.where(distances == 0, 0.0, float("-inf"))
+        # |i - j| * log(r) directly, so far-away classes do not underflow to
+        # exp(-inf) before the log.
+        return distances * math.log(self.reduction_factor)
+
+    def numpy_rows(self, classes):
+        classes = np.asarray(classes)
+        distances = np.abs(classes[:, None] - np.arange(self.num_classes)[None, :])
+        return (self.reduction_factor ** distances.astype(np.float64)).astype(
+            np.float32
+        )
+
+    def get_config(self):
+        return {
+            "num_classes": self.num_classes,
+            "reduction_factor": self.reduction_factor,
+        }
+
+    def __repr__(self):
+        return (
+            f"OrdinalSimilarity(num_classes={self.num_classes}, "
+            f"reduction_factor={self.reduction_factor})"
+        )
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class EmbeddingSimilarity(Similarity):
+    """Similarity from class embeddings, computed on the fly.
+
+    `S[i, j] = max(0, s(i, j) - l) / (1 - l)` with `s(i, j) = max(0,
+    cos(e_i, e_j))` and an exact unit diagonal (Eq. 3). The loss computes the
+    rows of the batch's labels with one `(batch, d) x (d, C)` product, so the
+    state is the `C x d` table, never `C x C`. Built by `from_embeddings`.
+    """
+
+    def __init__(self, vectors, lower_bound=0.0):
+        try:
+            table = np.asarray(vectors, dtype=np.float32)
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                "Invalid value for argument `vectors`. Expected an array of "
+                f"shape (num_classes, dim). Received: {type(vectors).__name__} "
+                f"({error})"
+            ) from None
+        if table.ndim != 2 or table.shape[0] < 2 or table.shape[1] < 1:
+            raise ValueError(
+                "Invalid value for argument `vectors`. Expected shape "
+                "(num_classes, dim) with num_classes >= 2. Received: "
+                f"vectors.shape={table.shape}"
+            )
+        if not np.all(np.isfinite(table)):
+            row = int(np.argmax(~np.all(np.isfinite(table), axis=1)))
+            raise ValueError(
+                "Invalid value for argument `vectors`. Expected finite values. "
+                f"Received: a non-finite value in vectors[{row}]"
+            )
+        norms = np.linalg.norm(table.astype(np.float64), axis=1)
+        if np.any(norms == 0):
+            raise ValueError(
+                "Invalid value for argument `vectors`. Expected no all-zero "
+                "row (the cosine similarity of a zero vector is undefined). "
+                f"Received: vectors[{int(np.argmax(norms == 0))}] is all zeros"
+            )
+        self.vectors = table
+        self.lower_bound = _check_number("lower_bound", lower_bound, 0.0, 1.0)
+        self.num_classes = table.shape[0]
+        self._unit_vectors = (table / norms[:, None]).astype(np.float32)
+
+    def _from_cosine(self, cosine, same_class):
+        # Rounding can push a self-cosine a little above 1: clip into [0, 1]
+        # (negative cosines mean unrelated), apply Eq. 3, and set the
+        # diagonal to exactly 1.
+        similarity = ops.clip(cosine, 0.0, 1.0)
+        similarity = ops.maximum(similarity - self.lower_bound, 0.0) / (
+            1.0 - self.lower_bound
+        )
+        return ops.where(same_class, 1.0, similarity)
+
+    def rows(self, labels):
+        unit = ops.convert_to_tensor(self._unit_vectors)
+        cosine = ops.matmul(ops.take(unit, labels, axis=0), ops.transpose(unit))
+        same_class = ops.expand_dims(labels, -1) == ops.arange(
+            self.num_classes, dtype="int32"
+        )
+        return self._from_cosine(cosine, same_class)
+
+    def pairs(self, labels, classes):
+        # Two vectors per example instead of a whole row.
+        unit = ops.convert_to_tensor(self._unit_vectors)
+        cosine = ops.sum(
+            ops.take(unit, labels, axis=0) * ops.take(unit, classes, axis=0), axis=-1
+        )
+        return self._from_cosine(cosine, labels == classes)
+
+    def numpy_rows(self, classes):
+        classes = np.asarray(classes)
+        unit = self._unit_vectors.astype(np.float64)
+        similarity = np.clip(unit[classes] @ unit.T, 0.0, 1.0)
+        similarity = np.maximum(similarity - self.lower_bound, 0.0) / (
+            1.0 - self.lower_bound
+        )
+        similarity[np.arange(len(classes)), classes] = 1.0
+        return similarity.astype(np.float32)
+
+    def get_config(self):
+        return {"vectors": self.vectors.tolist(), "lower_bound": self.lower_bound}
+
+    def __repr__(self):
+        return (
+            f"EmbeddingSimilarity(num_classes={self.num_classes}, "
+            f"dim={self.vectors.shape[1]}, lower_bound={self.lower_bound})"
+        )
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class HierarchySimilarity(Similarity):
+    """Similarity from a tree of classes. Built by `from_hierarchy`.
+
+    `S[i, j] = 1` if `i == j`, else the largest `similarities[k]` over the
+    levels `k` at which `i` and `j` have the same ancestor, else 0.
+    """
+
+    def __init__(self, ancestors, similarities):
+        levels = np.asarray(ancestors)
+        if levels.ndim == 1:
+            levels = levels[None, :]
+        if (
+            levels.ndim != 2
+            or levels.shape[1] < 2
+            or not np.issubdtype(levels.dtype, np.integer)
+        ):
+            raise ValueError(
+                "Invalid value for argument `ancestors`. Expected integer "
+                "ancestor ids of shape (num_classes,) for one level or "
+                "(num_levels, num_classes) for several, with num_classes >= 2. "
+                f"Received: ancestors of shape {levels.shape} and dtype "
+                f"{levels.dtype}"
+            )
+        values = np.atleast_1d(np.asarray(similarities, dtype=np.float64))
+        if values.ndim != 1 or values.shape[0] != levels.shape[0]:
+            raise ValueError(
+                "Invalid value for argument `similarities`. Expected one value "
+                f"per level of `ancestors` ({levels.shape[0]}). Received: "
+                f"similarities={np.asarray(similarities).tolist()}"
+            )
+        for value in values:
+            _check_number("similarities", float(value), 0.0, 1.0)
+        self.ancestors = levels.astype(np.int64)
+        self.similarities = values
+        self.num_classes = levels.shape[1]
+
+    def rows(self, labels):
+        result = None
+        for level, value in zip(self.ancestors, self.similarities):
+            ancestor_of = ops.convert_to_tensor(level.astype(np.int32))
+            same = ops.expand_dims(ops.take(ancestor_of, labels), -1) == (
+                ops.expand_dims(ancestor_of, 0)
+            )
+            term = ops.where(same, float(value), 0.0)
+            result = term if result is None else ops.maximum(result, term)
+        same_class = ops.expand_dims(labels, -1) == ops.arange(
+            self.num_classes, dtype="int32"
+        )
+        return ops.where(same_class, 1.0, result)
+
+    def pairs(self, labels, classes):
+        result = ops.zeros(ops.shape(labels), "float32")
+        for level, value in zip(self.ancestors, self.similarities):
+            ancestor_of = ops.convert_to_tensor(level.astype(np.int32))
+            same = ops.take(ancestor_of, labels) == ops.take(ancestor_of, classes)
+            result = ops.maximum(result, ops.where(same, float(value), 0.0))
+        return ops.where(labels == classes, 1.0, result)
+
+    def numpy_rows(self, classes):
+        classes = np.asarray(classes)
+        result = np.zeros((len(classes), self.num_classes), np.float32)
+        for level, value in zip(self.ancestors, self.similarities):
+            same = level[classes][:, None] == level[None, :]
+            result = np.maximum(result, np.where(same, value, 0.0))
+        result[np.arange(len(classes)), classes] = 1.0
+        return result.astype(np.float32)
+
+    def get_config(self):
+        return {
+            "ancestors": self.ancestors.tolist(),
+            "similarities": self.similarities.tolist(),
+        }
+
+    def __repr__(self):
+        return (
+            f"HierarchySimilarity(num_classes={self.num_classes}, "
+            f"similarities={self.similarities.tolist()})"
+        )
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class SparseSimilarity(Similarity):
+    """A similarity that keeps at most `k` similar classes per class.
+
+    Row `i` of `S` is 1 at `i`, `values[i, n]` at `indices[i, n]` and 0
+    elsewhere. State is `O(C * k)` and the loss does `O(batch * k)` extra work
+    (a gather of `k` logits per example), so it suits label spaces far too
+    large for a dense `C x C` matrix. Built by `top_k`, or directly from
+    neighbour lists.
+
+    Args:
+        indices: integer array of shape `(C, k)`: the neighbours of each class.
+            A class must not list itself or the same neighbour twice; unused
+            slots have value 0 (their index is then ignored).
+        values: float array of shape `(C, k)` in `[0, 1]`: the similarities.
+
+    Example:
+
+    >>> s = SparseSimilarity(indices=[[1], [0], [1]], values=[[0.5], [0.5], [0.25]])
+    >>> np.asarray(s).tolist()
+    [[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.25, 1.0]]
+    """
+
+    def __init__(self, indices, values):
+        indices = np.asarray(indices)
+        values = np.asarray(values, dtype=np.float32)
+        if (
+            indices.ndim != 2
+            or indices.shape != values.shape
+            or indices.shape[0] < 2
+            or not np.issubdtype(indices.dtype, np.integer)
+        ):
+            raise ValueError(
+                "Invalid value for arguments `indices` and `values`. Expected "
+                "an integer array and a float array of the same shape "
+                "(num_classes, k), num_classes >= 2. Received: indices of "
+                f"shape {indices.shape} and dtype {indices.dtype}, values of "
+                f"shape {values.shape}"
+            )
+        num_classes = indices.shape[0]
+        if np.any((indices < 0) | (indices >= num_classes)):
+            raise ValueError(
+                "Invalid value for argument `indices`. Expected class indices "
+                f"in [0, {num_classes}). Received: "
+                f"{indices[(indices < 0) | (indices >= num_classes)][:5].tolist()}"
+            )
+        if not np.all(np.isfinite(values)) or np.any((values < 0) | (values > 1)):
+            raise ValueError(
+                "Invalid value for argument `values`. Expected finite values "
+                "in [0, 1]. Received: values with min "
+                f"{np.nanmin(values)} and max {np.nanmax(values)}"
+            )
+        used = values > 0
+        own = indices == np.arange(num_classes)[:, None]
+        if np.any(own & used):
+            row = int(np.argmax(np.any(own & used, axis=1)))
+            raise ValueError(
+                "Invalid value for argument `indices`. A class must not list "
+                "itself as a neighbour (the diagonal is always 1). Received: "
+                f"indices[{row}] contains {row}"
+            )
+        # Unused slots point at the class itself with value 0, so that
+        # duplicates among them are harmless and every index is in range.
+        indices = np.where(used, indices, np.arange(num_classes)[:, None])
+        ordered = np.sort(np.where(used, indices, -1 - np.arange(indices.shape[1])), axis=1)
+        if np.any(ordered[:, 1:] == ordered[:, :-1]):
+            row = int(np.argmax(np.any(ordered[:, 1:] == ordered[:, :-1], axis=1)))
+            raise ValueError(
+                "Invalid value for argument `indices`. Expected each neighbour "
+                f"at most once per class. Received: indices[{row}]="
+                f"{indices[row].tolist()}"
+            )
+        self.indices = indices.astype(np.int32)
+        self.values = np.where(used, values, 0.0).astype(np.float32)
+        self.num_classes = num_classes
+
+    def _neighbours(self, labels):
+        indices = ops.take(ops.convert_to_tensor(self.indices), labels, axis=0)
+        values = ops.take(ops.convert_to_tensor(self.values), labels, axis=0)
+        return indices, values
+
+    def rows(self, labels):
+        indices, values = self._neighbours(labels)
+        spread = ops.one_hot(indices, self.num_classes) * ops.expand_dims(values, -1)
+        return ops.maximum(
+            ops.sum(spread, axis=1), ops.one_hot(labels, self.num_classes)
+        )
+
+    def log_weighted_sum_exp(self, labels, logits):
+        indices, values = self._neighbours(labels)
+        own = ops.take_along_axis(logits, ops.expand_dims(labels, -1), axis=-1)
+        neighbours = ops.take_along_axis(logits, indices, axis=-1) + ops.log(values)
+        # The true class enters with log S = log 1 = 0; unused slots have
+        # log 0 = -inf and drop out of the logsumexp.
+        return ops.logsumexp(ops.concatenate([own, neighbours], axis=-1), axis=-1)
+
+    def weighted_sum(self, labels, probabilities):
+        indices, values = self._neighbours(labels)
+        own = ops.take_along_axis(probabilities, ops.expand_dims(labels, -1), axis=-1)
+        neighbours = ops.take_along_axis(probabilities, indices, axis=-1)
+        return ops.squeeze(own, -1) + ops.sum(values * neighbours, axis=-1)
+
+    def pairs(self, labels, classes):
+        indices, values = self._neighbours(labels)
+        match = ops.cast(indices == ops.expand_dims(classes, -1), "float32")
+        return ops.where(labels == classes, 1.0, ops.sum(values * match, axis=-1))
+
+    def numpy_rows(self, classes):
+        classes = np.asarray(classes)
+        result = np.zeros((len(classes), self.num_classes), np.float32)
+        rows = np.arange(len(classes))[:, None]
+        result[rows, self.indices[classes]] = self.values[classes]
+        result[np.arange(len(classes)), classes] = 1.0
+        return result
+
+    def get_config(self):
+        return {"indices": self.indices.tolist(), "values": self.values.tolist()}
+
+    def __repr__(self):
+        return (
+            f"SparseSimilarity(num_classes={self.num_classes}, "
+            f"k={self.indices.shape[1]})"
+        )
+
+
+def _checked(similarity):
+    """Validates a builder's output entry by entry where that is cheap."""
+    if similarity.num_classes <= _MAX_CLASSES_CHECKED_DENSE:
+        validate_matrix(np.asarray(similarity), name="similarity")
+    return similarity
+
+
+def ordinal(num_classes, reduction_factor):
+    """Similarity of ordered classes: `S[i, j] = r ** |i - j|` (Eq. 2).
+
+    For ordinal targets (ages, ratings, severity grades): a prediction one
+    class away costs little, far away costs as much as any wrong class.
+    `reduction_factor=0` gives the identity (plain cross entropy).
+
+    Args:
+        num_classes: int >= 2, the number of classes `C`.
+        reduction_factor: float `r` in `[0, 1)`. The paper's age experiments
+            found small `r` (about 0.4) helps accuracy and larger `r` (0.7 to
+            0.8) helps MAE; `r = 0.9` let the model collapse onto a few
+            classes.
+
+    Returns:
+        An `OrdinalSimilarity`; its config is the two arguments, whatever `C`.
+
+    Example:
+
+    >>> np.asarray(ordinal(3, 0.5)).tolist()
+    [[1.0, 0.5, 0.25], [0.5, 1.0, 0.5], [0.25, 0.5, 1.0]]
+
+    Reference:
+        Kobs et al., "SimLoss: Class Similarities in Cross Entropy", 2020,
+        Eq. 2. https://arxiv.org/abs/2003.03182
+    """
+    return _checked(OrdinalSimilarity(num_classes, reduction_factor))
+
+
+def lower_bound(similarities, lower_bound):
+    """Rescales a similarity table with a lower bound `l` (Eq. 3).
+
+    `S[i, j] = max(0, sim(i, j) - l) / (1 - l)`: similarities at or below `l`
+    become 0 (unrelated classes), the diagonal stays 1. `l` close to 1 keeps
+    only the diagonal, i.e. plain cross entropy.
+
+    Args:
+        similarities: array-like `(C, C)` of similarities in `[0, 1]` with a
+            diagonal of 1.
+        lower_bound: float `l` in `[0, 1)`.
+
+    Returns:
+        A `MatrixSimilarity` holding the rescaled matrix.
+
+    Example:
+
+    >>> s = lower_bound([[1.0, 0.6], [0.6, 1.0]], lower_bound=0.5)
+    >>> np.asarray(s, dtype=np.float64).round(6).tolist()  # (0.6 - 0.5) / 0.5
+    [[1.0, 0.2], [0.2, 1.0]]
+    """
+    bound = _check_number("lower_bound", lower_bound, 0.0, 1.0)
+    matrix = validate_matrix(similarities, name="similarities").astype(np.float64)
+    rescaled = np.maximum(matrix - bound, 0.0) / (1.0 - bound)
+    np.fill_diagonal(rescaled, 1.0)
+    return MatrixSimilarity(rescaled)
+
+
+def from_embeddings(vectors, lower_bound=0.0):
+    """Similarity from class-name embeddings (word vectors), Eq. 3.
+
+    `sim(i, j) = max(0, cos(e_i, e_j))`, then `S = max(0, sim - l) / (1 - l)`
+    with an exact unit diagonal. The paper used 300-d word2vec vectors
+    (Google News) of the CIFAR-100 class names;
+    `keras_simloss.datasets.load_word_vectors` reads such files.
+
+    The rows are computed on the fly inside the loss from the `C x d` table,
+    so this scales to very many classes; `numpy.asarray` gives the dense
+    matrix when it fits.
+
+    Args:
+        vectors: array-like `(C, d)`, one non-zero vector per class.
+        lower_bound: float `l` in `[0, 1)`. Defaults to `0.0`. The paper's
+            CIFAR-100 runs found `l = 0.9` best for accuracy and `l = 0.0`
+            collapsed.
+
+    Returns:
+        An `EmbeddingSimilarity`.
+
+    Example:
+
+    >>> s = from_embeddings([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]], lower_bound=0.5)
+    >>> np.asarray(s, dtype=np.float64).round(4).tolist()  # (cos 45deg - 0.5) / 0.5
+    [[1.0, 0.4142, 0.0], [0.4142, 1.0, 0.4142], [0.0, 0.4142, 1.0]]
+    """
+    return _checked(EmbeddingSimilarity(vectors, lower_bound))
+
+
+def from_hierarchy(ancestors, similarities=0.5):
+    """Similarity from a class hierarchy.
+
+    Two different classes that share an ancestor at level `k` get similarity
+    `similarities[k]` (the largest over shared levels); the diagonal is 1;
+    classes with no shared ancestor get 0.
+
+    Args:
+        ancestors: the ancestor id of every class, shape `(C,)` for one level
+            (e.g. `keras_simloss.datasets.cifar100.FINE_TO_COARSE`), or
+            `(num_levels, C)` for several, nearest level first.
+        similarities: float in `[0, 1)`, or one per level. Defaults to `0.5`.
+
+    Returns:
+        A `HierarchySimilarity`; its config holds `O(C)` numbers.
+
+    Example:
+
+    >>> np.asarray(from_hierarchy([0, 0, 1], 0.5)).tolist()
+    [[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    """
+    return _checked(HierarchySimilarity(ancestors, similarities))
+
+
+def top_k(similarity, k, batch_size=1024):
+    """Keeps the `k` most similar other classes of each class.
+
+    Builds a `SparseSimilarity` from any similarity (a `Similarity` or a dense
+    matrix), working through the classes `batch_size` rows at a time so the
+    dense matrix is never held whole. Zero similarities are not kept. Ties are
+    broken toward the smaller class index.
+
+    Args:
+        similarity: a `Similarity` or an array-like `(C, C)`.
+        k: int >= 1, neighbours kept per class.
+        batch_size: rows computed at a time. Defaults to `1024`.
+
+    Returns:
+        A `SparseSimilarity` with `O(C * k)` state.
+
+    Example:
+
+    >>> s = top_k(ordinal(4, 0.5), k=1)
+    >>> s.indices.tolist(), s.values.tolist()
+    ([[1], [0], [1], [2]], [[0.5], [0.5], [0.5], [0.5]])
+    """
+    source = get(similarity)
+    num_classes = source.num_classes
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not (
+        1 <= k < num_classes
+    ):
+        raise ValueError(
+            "Invalid value for argument `k`. Expected an int with 1 <= k < "
+            f"num_classes={num_classes}. Received: k={k!r}"
+        )
+    indices = np.zeros((num_classes, k), np.int32)
+    values = np.zeros((num_classes, k), np.float32)
+    for start in range(0, num_classes, batch_size):
+        classes = np.arange(start, min(start + batch_size, num_classes))
+        rows = source.numpy_rows(classes).copy()
+        rows[np.arange(len(classes)), classes] = -1.0
+        # Stable sort on -S keeps ties in index order.
+        order = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+        indices[classes] = order
+        values[classes] = np.maximum(np.take_along_axis(rows, order, axis=1), 0.0)
+    return _checked(SparseSimilarity(indices, values))
+
+
+def get(identifier):
+    """Returns a `Similarity` from a `Similarity`, a config or a matrix.
+
+    Args:
+        identifier: a `Similarity` (returned as is), a dict made by
+            `keras.saving.serialize_keras_object`, or an array-like `(C, C)`
+            (wrapped in a `MatrixSimilarity`).
+    """
+    if isinstance(identifier, Similarity):
+        return identifier
+    if isinstance(identifier, dict):
+        result = keras.saving.deserialize_keras_object(identifier)
+        if not isinstance(result, Similarity):
+            raise ValueError(
+                "Invalid value for argument `similarity`. Expected the config "
+                "of a keras_simloss Similarity. Received: "
+                f"{identifier.get('class_name')!r}"
+            )
+        return result
+    if identifier is None or isinstance(identifier, str):
+        raise TypeError(
+            "Invalid value for argument `similarity`. Expected a Similarity "
+            "(e.g. keras_simloss.similarity.ordinal(...)) or a (C, C) matrix. "
+            f"Received: similarity={identifier!r}"
+        )
+    return MatrixSimilarity(identifier)
