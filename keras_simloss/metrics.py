@@ -79,7 +79,8 @@ def _check_class_array(name, values, integer):
     kind_ok = (
         np.issubdtype(array.dtype, np.integer)
         if integer
-        else np.issubdtype(array.dtype, np.number) and not np.issubdtype(array.dtype, np.complexfloating)
+        else np.issubdtype(array.dtype, np.number)
+        and not np.issubdtype(array.dtype, np.complexfloating)
     )
     if array.ndim != 1 or array.shape[0] < 2 or not kind_ok:
         expected = "integer ids" if integer else "numbers"

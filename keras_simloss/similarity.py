@@ -59,7 +59,9 @@ _MAX_CLASSES_CHECKED_DENSE = 2048
 
 def _check_number(name, value, low, high, high_inclusive=False):
     """Validates a scalar argument in `[low, high)` (or `[low, high]`)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+    if isinstance(value, bool) or not isinstance(
+        value, (int, float, np.floating, np.integer)
+    ):
         raise TypeError(
             f"Invalid type for argument `{name}`. Expected a number. "
             f"Received: {name}={value!r} of type {type(value).__name__}"
@@ -531,7 +533,9 @@ class SparseSimilarity(Similarity):
         # Unused slots point at the class itself with value 0, so that
         # duplicates among them are harmless and every index is in range.
         indices = np.where(used, indices, np.arange(num_classes)[:, None])
-        ordered = np.sort(np.where(used, indices, -1 - np.arange(indices.shape[1])), axis=1)
+        ordered = np.sort(
+            np.where(used, indices, -1 - np.arange(indices.shape[1])), axis=1
+        )
         if np.any(ordered[:, 1:] == ordered[:, :-1]):
             row = int(np.argmax(np.any(ordered[:, 1:] == ordered[:, :-1], axis=1)))
             raise ValueError(
@@ -734,8 +738,10 @@ def top_k(similarity, k, batch_size=1024):
     """
     source = get(similarity)
     num_classes = source.num_classes
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not (
-        1 <= k < num_classes
+    if (
+        isinstance(k, bool)
+        or not isinstance(k, (int, np.integer))
+        or not (1 <= k < num_classes)
     ):
         raise ValueError(
             "Invalid value for argument `k`. Expected an int with 1 <= k < "

@@ -11,7 +11,9 @@ from tests.testing import assert_config_round_trip
 
 
 def _random_vectors(num_classes, dim, seed):
-    return np.random.default_rng(seed).normal(size=(num_classes, dim)).astype(np.float32)
+    return (
+        np.random.default_rng(seed).normal(size=(num_classes, dim)).astype(np.float32)
+    )
 
 
 # Each case: (builder call, independent NumPy matrix).
@@ -45,8 +47,14 @@ def _hierarchy_reference(levels, values):
 
 CASES = {
     "ordinal-r0": (lambda: similarity.ordinal(5, 0.0), lambda: np.eye(5)),
-    "ordinal-r0.5": (lambda: similarity.ordinal(6, 0.5), lambda: _ordinal_reference(6, 0.5)),
-    "ordinal-r0.9": (lambda: similarity.ordinal(40, 0.9), lambda: _ordinal_reference(40, 0.9)),
+    "ordinal-r0.5": (
+        lambda: similarity.ordinal(6, 0.5),
+        lambda: _ordinal_reference(6, 0.5),
+    ),
+    "ordinal-r0.9": (
+        lambda: similarity.ordinal(40, 0.9),
+        lambda: _ordinal_reference(40, 0.9),
+    ),
     "embeddings-l0": (
         lambda: similarity.from_embeddings(_random_vectors(9, 4, 0)),
         lambda: _embedding_reference(_random_vectors(9, 4, 0), 0.0),
@@ -60,15 +68,21 @@ CASES = {
         lambda: _hierarchy_reference([0, 0, 1, 1, 1, 2], [0.4]),
     ),
     "hierarchy-2levels": (
-        lambda: similarity.from_hierarchy([[0, 0, 1, 1, 2, 2], [0, 0, 0, 0, 1, 1]], [0.6, 0.2]),
-        lambda: _hierarchy_reference([[0, 0, 1, 1, 2, 2], [0, 0, 0, 0, 1, 1]], [0.6, 0.2]),
+        lambda: similarity.from_hierarchy(
+            [[0, 0, 1, 1, 2, 2], [0, 0, 0, 0, 1, 1]], [0.6, 0.2]
+        ),
+        lambda: _hierarchy_reference(
+            [[0, 0, 1, 1, 2, 2], [0, 0, 0, 0, 1, 1]], [0.6, 0.2]
+        ),
     ),
     "matrix": (
         lambda: similarity.MatrixSimilarity([[1, 0.3, 0], [0.1, 1, 0.2], [0, 0.9, 1]]),
         lambda: np.array([[1, 0.3, 0], [0.1, 1, 0.2], [0, 0.9, 1]]),
     ),
     "sparse": (
-        lambda: similarity.SparseSimilarity([[1, 2], [0, 0], [1, 0]], [[0.5, 0.25], [0.7, 0.0], [0.1, 0.0]]),
+        lambda: similarity.SparseSimilarity(
+            [[1, 2], [0, 0], [1, 0]], [[0.5, 0.25], [0.7, 0.0], [0.1, 0.0]]
+        ),
         lambda: np.array([[1, 0.5, 0.25], [0.7, 1, 0], [0, 0.1, 1]]),
     ),
 }
@@ -89,9 +103,13 @@ def test_rows_and_pairs_in_graph_match_dense(case):
     dense = np.asarray(sim)
     labels = np.arange(sim.num_classes, dtype=np.int32)[::-1].copy()
     classes = np.roll(labels, 1)
-    np.testing.assert_allclose(ops.convert_to_numpy(sim.rows(labels)), dense[labels], atol=1e-6)
     np.testing.assert_allclose(
-        ops.convert_to_numpy(sim.pairs(labels, classes)), dense[labels, classes], atol=1e-6
+        ops.convert_to_numpy(sim.rows(labels)), dense[labels], atol=1e-6
+    )
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(sim.pairs(labels, classes)),
+        dense[labels, classes],
+        atol=1e-6,
     )
 
 
@@ -133,7 +151,9 @@ def test_lower_bound_hand_computed():
 
 
 def test_lower_bound_near_one_keeps_only_the_diagonal():
-    s = similarity.lower_bound(_embedding_reference(_random_vectors(7, 3, 5), 0.0), 0.999999)
+    s = similarity.lower_bound(
+        _embedding_reference(_random_vectors(7, 3, 5), 0.0), 0.999999
+    )
     np.testing.assert_array_equal(np.asarray(s), np.eye(7, dtype=np.float32))
 
 
@@ -183,9 +203,15 @@ def test_get_wraps_arrays_and_rejects_strings():
 
 
 BAD_MATRICES = {
-    "not-square": (np.ones((2, 3)), r"Expected a square matrix.*Received: matrix.shape=\(2, 3\)"),
+    "not-square": (
+        np.ones((2, 3)),
+        r"Expected a square matrix.*Received: matrix.shape=\(2, 3\)",
+    ),
     "one-class": (np.ones((1, 1)), r"C >= 2"),
-    "not-finite": (np.array([[1.0, np.nan], [0.0, 1.0]]), r"finite.*matrix\[0, 1\]=nan"),
+    "not-finite": (
+        np.array([[1.0, np.nan], [0.0, 1.0]]),
+        r"finite.*matrix\[0, 1\]=nan",
+    ),
     "above-one": (np.array([[1.0, 1.5], [0.0, 1.0]]), r"\[0, 1\].*matrix\[0, 1\]=1.5"),
     "negative": (np.array([[1.0, 0.0], [-0.1, 1.0]]), r"\[0, 1\].*matrix\[1, 0\]=-0.1"),
     "diagonal": (np.array([[1.0, 0.0], [0.0, 0.9]]), r"diagonal.*matrix\[1, 1\]=0.9"),
@@ -202,30 +228,110 @@ def test_bad_matrix_is_rejected(case):
 @pytest.mark.parametrize(
     "call, error, message",
     [
-        (lambda: similarity.ordinal(10, 1.0), ValueError, r"reduction_factor < 1.0. Received: reduction_factor=1.0"),
-        (lambda: similarity.ordinal(10, -0.1), ValueError, r"Received: reduction_factor=-0.1"),
-        (lambda: similarity.ordinal(1, 0.5), ValueError, r"num_classes >= 2. Received: num_classes=1"),
+        (
+            lambda: similarity.ordinal(10, 1.0),
+            ValueError,
+            r"reduction_factor < 1.0. Received: reduction_factor=1.0",
+        ),
+        (
+            lambda: similarity.ordinal(10, -0.1),
+            ValueError,
+            r"Received: reduction_factor=-0.1",
+        ),
+        (
+            lambda: similarity.ordinal(1, 0.5),
+            ValueError,
+            r"num_classes >= 2. Received: num_classes=1",
+        ),
         (lambda: similarity.ordinal(10.0, 0.5), TypeError, r"num_classes"),
         (lambda: similarity.ordinal(10, "0.5"), TypeError, r"reduction_factor"),
-        (lambda: similarity.lower_bound(np.eye(3), 1.0), ValueError, r"lower_bound < 1.0"),
-        (lambda: similarity.from_embeddings(np.ones((3, 2)), lower_bound=-1), ValueError, r"lower_bound"),
-        (lambda: similarity.from_embeddings([[1.0, 0.0], [0.0, 0.0]]), ValueError, r"vectors\[1\] is all zeros"),
-        (lambda: similarity.from_embeddings([[1.0, np.inf], [0.0, 1.0]]), ValueError, r"finite"),
-        (lambda: similarity.from_embeddings(np.ones(3)), ValueError, r"vectors.shape=\(3,\)"),
-        (lambda: similarity.from_hierarchy([0.5, 1.0, 1.0]), ValueError, r"integer ancestor ids"),
-        (lambda: similarity.from_hierarchy([0, 1, 1], [0.5, 0.2]), ValueError, r"one value per level"),
-        (lambda: similarity.from_hierarchy([0, 1, 1], 1.0), ValueError, r"similarities < 1.0"),
-        (lambda: similarity.SparseSimilarity([[0], [0]], [[0.5], [0.5]]), ValueError, r"itself"),
-        (lambda: similarity.SparseSimilarity([[1, 1], [0, 0]], [[0.5, 0.4], [0.1, 0.0]]), ValueError, r"at most once"),
-        (lambda: similarity.SparseSimilarity([[5], [0]], [[0.5], [0.5]]), ValueError, r"in \[0, 2\)"),
-        (lambda: similarity.SparseSimilarity([[1], [0]], [[1.5], [0.5]]), ValueError, r"in \[0, 1\]"),
-        (lambda: similarity.top_k(np.eye(3), k=3), ValueError, r"k < num_classes=3. Received: k=3"),
+        (
+            lambda: similarity.lower_bound(np.eye(3), 1.0),
+            ValueError,
+            r"lower_bound < 1.0",
+        ),
+        (
+            lambda: similarity.from_embeddings(np.ones((3, 2)), lower_bound=-1),
+            ValueError,
+            r"lower_bound",
+        ),
+        (
+            lambda: similarity.from_embeddings([[1.0, 0.0], [0.0, 0.0]]),
+            ValueError,
+            r"vectors\[1\] is all zeros",
+        ),
+        (
+            lambda: similarity.from_embeddings([[1.0, np.inf], [0.0, 1.0]]),
+            ValueError,
+            r"finite",
+        ),
+        (
+            lambda: similarity.from_embeddings(np.ones(3)),
+            ValueError,
+            r"vectors.shape=\(3,\)",
+        ),
+        (
+            lambda: similarity.from_hierarchy([0.5, 1.0, 1.0]),
+            ValueError,
+            r"integer ancestor ids",
+        ),
+        (
+            lambda: similarity.from_hierarchy([0, 1, 1], [0.5, 0.2]),
+            ValueError,
+            r"one value per level",
+        ),
+        (
+            lambda: similarity.from_hierarchy([0, 1, 1], 1.0),
+            ValueError,
+            r"similarities < 1.0",
+        ),
+        (
+            lambda: similarity.SparseSimilarity([[0], [0]], [[0.5], [0.5]]),
+            ValueError,
+            r"itself",
+        ),
+        (
+            lambda: similarity.SparseSimilarity(
+                [[1, 1], [0, 0]], [[0.5, 0.4], [0.1, 0.0]]
+            ),
+            ValueError,
+            r"at most once",
+        ),
+        (
+            lambda: similarity.SparseSimilarity([[5], [0]], [[0.5], [0.5]]),
+            ValueError,
+            r"in \[0, 2\)",
+        ),
+        (
+            lambda: similarity.SparseSimilarity([[1], [0]], [[1.5], [0.5]]),
+            ValueError,
+            r"in \[0, 1\]",
+        ),
+        (
+            lambda: similarity.top_k(np.eye(3), k=3),
+            ValueError,
+            r"k < num_classes=3. Received: k=3",
+        ),
     ],
     ids=[
-        "r=1", "r<0", "C=1", "C-float", "r-str", "l=1", "l<0", "zero-vector",
-        "inf-vector", "vectors-1d", "float-ancestors", "levels-mismatch",
-        "hierarchy-sim=1", "sparse-self", "sparse-duplicate", "sparse-range",
-        "sparse-value", "top-k-too-large",
+        "r=1",
+        "r<0",
+        "C=1",
+        "C-float",
+        "r-str",
+        "l=1",
+        "l<0",
+        "zero-vector",
+        "inf-vector",
+        "vectors-1d",
+        "float-ancestors",
+        "levels-mismatch",
+        "hierarchy-sim=1",
+        "sparse-self",
+        "sparse-duplicate",
+        "sparse-range",
+        "sparse-value",
+        "top-k-too-large",
     ],
 )
 def test_builders_reject_bad_arguments(call, error, message):

@@ -54,13 +54,31 @@ _SUPERCLASS_MEMBERS = {
     "flowers": ("orchid", "poppy", "rose", "sunflower", "tulip"),
     "food_containers": ("bottle", "bowl", "can", "cup", "plate"),
     "fruit_and_vegetables": ("apple", "mushroom", "orange", "pear", "sweet_pepper"),
-    "household_electrical_devices": ("clock", "keyboard", "lamp", "telephone", "television"),
+    "household_electrical_devices": (
+        "clock",
+        "keyboard",
+        "lamp",
+        "telephone",
+        "television",
+    ),
     "household_furniture": ("bed", "chair", "couch", "table", "wardrobe"),
     "insects": ("bee", "beetle", "butterfly", "caterpillar", "cockroach"),
     "large_carnivores": ("bear", "leopard", "lion", "tiger", "wolf"),
-    "large_man-made_outdoor_things": ("bridge", "castle", "house", "road", "skyscraper"),
+    "large_man-made_outdoor_things": (
+        "bridge",
+        "castle",
+        "house",
+        "road",
+        "skyscraper",
+    ),
     "large_natural_outdoor_scenes": ("cloud", "forest", "mountain", "plain", "sea"),
-    "large_omnivores_and_herbivores": ("camel", "cattle", "chimpanzee", "elephant", "kangaroo"),
+    "large_omnivores_and_herbivores": (
+        "camel",
+        "cattle",
+        "chimpanzee",
+        "elephant",
+        "kangaroo",
+    ),
     "medium_mammals": ("fox", "porcupine", "possum", "raccoon", "skunk"),
     "non-insect_invertebrates": ("crab", "lobster", "snail", "spider", "worm"),
     "people": ("baby", "boy", "girl", "man", "woman"),
@@ -80,7 +98,9 @@ _COARSE_OF_NAME = {
 }
 
 #: int32 array of shape (100,): the coarse label of each fine label.
-FINE_TO_COARSE = np.array([_COARSE_OF_NAME[name] for name in FINE_LABEL_NAMES], np.int32)
+FINE_TO_COARSE = np.array(
+    [_COARSE_OF_NAME[name] for name in FINE_LABEL_NAMES], np.int32
+)
 FINE_TO_COARSE.setflags(write=False)
 
 #: Fine labels the paper removed (no word2vec vector for their names).
@@ -91,7 +111,9 @@ PAPER_EXCLUDED_CLASSES = tuple(
 
 #: The 96 fine labels the paper kept, in canonical order; new label = position.
 PAPER_CLASSES = tuple(
-    label for label in range(len(FINE_LABEL_NAMES)) if label not in PAPER_EXCLUDED_CLASSES
+    label
+    for label in range(len(FINE_LABEL_NAMES))
+    if label not in PAPER_EXCLUDED_CLASSES
 )
 PAPER_LABEL_NAMES = tuple(FINE_LABEL_NAMES[label] for label in PAPER_CLASSES)
 PAPER_FINE_TO_COARSE = FINE_TO_COARSE[list(PAPER_CLASSES)]
@@ -117,7 +139,9 @@ def to_paper_labels(fine_labels):
     [0, -1, 1, 95]
     """
     labels = np.asarray(fine_labels)
-    if not np.issubdtype(labels.dtype, np.integer) or np.any((labels < 0) | (labels >= 100)):
+    if not np.issubdtype(labels.dtype, np.integer) or np.any(
+        (labels < 0) | (labels >= 100)
+    ):
         raise ValueError(
             "Invalid value for argument `fine_labels`. Expected integer "
             f"CIFAR-100 fine labels in [0, 100). Received: {labels.ravel()[:5].tolist()}"

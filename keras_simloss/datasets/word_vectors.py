@@ -145,6 +145,8 @@ def load_word_vectors(
     return ClassVectors(
         names=tuple(found_names),
         indices=tuple(indices),
-        vectors=np.stack(vectors) if vectors else np.zeros((0, table.vector_size), np.float32),
+        vectors=np.stack(vectors)
+        if vectors
+        else np.zeros((0, table.vector_size), np.float32),
         missing=tuple(missing),
     )

@@ -1,0 +1,356 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_simloss
+from keras_simloss import SimLoss, sim_loss, similarity
+from tests.testing import assert_config_round_trip, save_and_reload, softmax
+
+
+def numpy_sim_loss(labels, probabilities, matrix):
+    """Eq. 1 per example, in float64: -log(sum_c S[y, c] p_c)."""
+    probabilities = np.asarray(probabilities, np.float64)
+    matrix = np.asarray(matrix, np.float64)
+    return -np.log(np.sum(matrix[labels] * probabilities, axis=-1))
+
+
+def test_hand_check_from_spec():
+    # C=3, r=0.5, y=0, p=[0.2, 0.5, 0.3]: -log(0.2 + 0.25 + 0.075) = -log(0.525).
+    loss = SimLoss(similarity.ordinal(3, 0.5))
+    value = float(loss(np.array([0]), np.array([[0.2, 0.5, 0.3]])))
+    assert value == pytest.approx(0.6443570, abs=1e-6)
+    logits_loss = SimLoss(similarity.ordinal(3, 0.5), from_logits=True)
+    # log p are valid logits for p (softmax(log p) = p).
+    value = float(logits_loss(np.array([0]), np.log([[0.2, 0.5, 0.3]])))
+    assert value == pytest.approx(0.6443570, abs=1e-6)
+
+
+def test_zero_when_all_mass_on_true_class():
+    loss = SimLoss(similarity.ordinal(4, 0.5), from_logits=True, reduction=None)
+    values = loss(np.array([2]), np.array([[-50.0, -50.0, 50.0, -50.0]]))
+    assert float(values[0]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_mass_on_a_neighbour_costs_less_than_far_away():
+    loss = SimLoss(similarity.ordinal(10, 0.5), reduction=None)
+    near = np.full((1, 10), 0.01)
+    near[0, 6] = 0.91  # true class 5, mass on 6
+    far = np.full((1, 10), 0.01)
+    far[0, 0] = 0.91
+    assert float(loss([5], near)[0]) < float(loss([5], far)[0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("num_classes", [2, 7, 31])
+@pytest.mark.parametrize("reduction_factor", [0.0, 0.3, 0.9])
+@pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probs"])
+def test_matches_numpy_reference(seed, num_classes, reduction_factor, from_logits):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(scale=3.0, size=(16, num_classes)).astype(np.float32)
+    labels = rng.integers(0, num_classes, size=16)
+    sim = similarity.ordinal(num_classes, reduction_factor)
+    expected = numpy_sim_loss(labels, softmax(logits), np.asarray(sim))
+    inputs = logits if from_logits else softmax(logits).astype(np.float32)
+    got = keras.ops.convert_to_numpy(
+        sim_loss(labels, inputs, sim, from_logits=from_logits)
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probs"])
+@pytest.mark.parametrize(
+    "label_format", ["sparse", "column", "one-hot", "float"], ids=lambda f: f
+)
+def test_label_formats_agree(label_format, from_logits):
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(8, 5)).astype(np.float32)
+    labels = rng.integers(0, 5, size=8)
+    inputs = logits if from_logits else softmax(logits).astype(np.float32)
+    formatted = {
+        "sparse": labels,
+        "column": labels[:, None],
+        "one-hot": np.eye(5, dtype=np.float32)[labels],
+        "float": labels.astype(np.float32),
+    }[label_format]
+    loss = SimLoss(similarity.ordinal(5, 0.4), from_logits=from_logits, reduction=None)
+    expected = numpy_sim_loss(
+        labels, softmax(logits), np.asarray(similarity.ordinal(5, 0.4))
+    )
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(loss(formatted, inputs)), expected, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "sim_case",
+    ["embeddings", "hierarchy", "matrix", "sparse"],
+)
+@pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probs"])
+def test_every_similarity_kind_matches_numpy(sim_case, from_logits):
+    rng = np.random.default_rng(7)
+    sim = {
+        "embeddings": similarity.from_embeddings(rng.normal(size=(12, 4)), 0.2),
+        "hierarchy": similarity.from_hierarchy(np.arange(12) // 3, 0.5),
+        "matrix": similarity.lower_bound(
+            np.asarray(similarity.from_embeddings(rng.normal(size=(12, 4)))), 0.1
+        ),
+        "sparse": similarity.top_k(similarity.ordinal(12, 0.6), k=3),
+    }[sim_case]
+    logits = rng.normal(scale=2.0, size=(20, 12)).astype(np.float32)
+    labels = rng.integers(0, 12, size=20)
+    expected = numpy_sim_loss(labels, softmax(logits), np.asarray(sim))
+    inputs = logits if from_logits else softmax(logits).astype(np.float32)
+    got = keras.ops.convert_to_numpy(
+        sim_loss(labels, inputs, sim, from_logits=from_logits)
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probs"])
+@pytest.mark.parametrize(
+    "reduction", ["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", None]
+)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_identity_equals_sparse_categorical_crossentropy(
+    from_logits, reduction, weighted
+):
+    rng = np.random.default_rng(11)
+    logits = rng.normal(scale=4.0, size=(32, 10)).astype(np.float32)
+    inputs = logits if from_logits else softmax(logits).astype(np.float32)
+    labels = rng.integers(0, 10, size=32)
+    weights = rng.uniform(size=32).astype(np.float32) if weighted else None
+    if weighted:
+        weights[:5] = 0.0
+    ours = SimLoss(np.eye(10), from_logits=from_logits, reduction=reduction)
+    theirs = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=from_logits, reduction=reduction
+    )
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(ours(labels, inputs, sample_weight=weights)),
+        keras.ops.convert_to_numpy(theirs(labels, inputs, sample_weight=weights)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_zero_weights_give_zero_loss():
+    loss = SimLoss(similarity.ordinal(4, 0.5), reduction="sum")
+    value = loss([0, 1], [[0.1, 0.2, 0.3, 0.4]] * 2, sample_weight=[0.0, 0.0])
+    assert float(value) == 0.0
+
+
+@pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probs"])
+@pytest.mark.parametrize("sim_case", ["ordinal", "sparse", "embeddings"])
+def test_extreme_logits_give_finite_loss_and_gradients(from_logits, sim_case):
+    sim = {
+        "ordinal": similarity.ordinal(6, 0.5),
+        "sparse": similarity.top_k(similarity.ordinal(6, 0.5), k=2),
+        "embeddings": similarity.from_embeddings(
+            np.random.default_rng(0).normal(size=(6, 3)), 0.5
+        ),
+    }[sim_case]
+    raw = tf.Variable(
+        [
+            [1e4, -1e4, 0, 0, 0, 0],
+            [-1e4, -1e4, -1e4, -1e4, -1e4, 1e4],
+            [0, 0, 0, 0, 0, 0],
+        ],
+        dtype=tf.float32,
+    )
+    loss = SimLoss(sim, from_logits=from_logits)
+    with tf.GradientTape() as tape:
+        inputs = tf.identity(raw) if from_logits else tf.nn.softmax(raw)
+        value = loss([5, 0, 3], inputs)
+    gradient = tape.gradient(value, raw)
+    assert np.isfinite(float(value))
+    assert np.all(np.isfinite(gradient.numpy()))
+    if from_logits:
+        # Example 1: all mass on class 0, label 5, r = 0.5 -> the similarity
+        # that survives is S[5, 0] = 0.5 ** 5 (dense) or 0 (sparse), so the
+        # loss is large but finite.
+        assert float(value) > 1.0
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_training_stays_finite(policy):
+    keras.config.set_dtype_policy(policy)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8)).astype(np.float32)
+    y = rng.integers(0, 5, size=64)
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(5),
+        ]
+    )
+    assert model.layers[-1].compute_dtype != "float32"
+    model.compile(
+        optimizer="adam",
+        loss=SimLoss(similarity.ordinal(5, 0.5), from_logits=True),
+        jit_compile=False,
+    )
+    history = model.fit(x, y, epochs=3, batch_size=16, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    # Half-precision logits of large magnitude: the float32 loss is finite.
+    logits = keras.ops.cast(
+        keras.ops.convert_to_tensor([[6e4, -6e4, 0, 0, 0]]), model.compute_dtype
+    )
+    value = SimLoss(similarity.ordinal(5, 0.5), from_logits=True)([4], logits)
+    assert np.isfinite(float(value))
+
+
+def _ordinal_data(num_samples, num_classes, seed):
+    """Inputs whose first feature encodes the class, so neighbours look alike."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, size=num_samples)
+    x = rng.normal(scale=0.3, size=(num_samples, 4)).astype(np.float32)
+    x[:, 0] += labels / num_classes * 4.0
+    return x, labels
+
+
+def _small_model(num_classes, activation=None):
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(num_classes, activation=activation),
+        ]
+    )
+
+
+@pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probs"])
+def test_fit_under_xla_with_sample_and_class_weights(from_logits):
+    keras.utils.set_random_seed(0)
+    x, y = _ordinal_data(256, 8, 0)
+    model = _small_model(8, None if from_logits else "softmax")
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=SimLoss(similarity.ordinal(8, 0.5), from_logits=from_logits),
+        metrics=[keras_simloss.ClassMeanAbsoluteError()],
+        jit_compile=True,
+    )
+    weights = np.random.default_rng(1).uniform(0.5, 1.5, size=256).astype(np.float32)
+    history = model.fit(x, y, sample_weight=weights, epochs=8, batch_size=64, verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    history = model.fit(
+        x,
+        y,
+        class_weight={c: 1.0 + c / 8 for c in range(8)},
+        epochs=2,
+        batch_size=64,
+        verbose=0,
+    )
+    assert np.all(np.isfinite(history.history["loss"]))
+
+    # The XLA-compiled evaluation equals Eq. 1 in NumPy on the model's outputs
+    # (weighted mean over the whole set, one batch).
+    outputs = model.predict(x, batch_size=256, verbose=0)
+    probabilities = softmax(outputs) if from_logits else outputs
+    per_example = numpy_sim_loss(
+        y, probabilities, np.asarray(similarity.ordinal(8, 0.5))
+    )
+    expected = np.sum(per_example * weights) / len(y)
+    got = model.evaluate(
+        x, y, sample_weight=weights, batch_size=256, verbose=0, return_dict=True
+    )
+    assert got["loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_config_round_trip_is_exact():
+    loss = SimLoss(
+        similarity.ordinal(90, 0.8), from_logits=True, reduction="sum", name="age"
+    )
+    rebuilt, serialized = assert_config_round_trip(loss)
+    assert serialized["config"]["similarity"]["config"] == {
+        "num_classes": 90,
+        "reduction_factor": 0.8,
+    }
+    assert (rebuilt.from_logits, rebuilt.reduction, rebuilt.name) == (
+        True,
+        "sum",
+        "age",
+    )
+
+
+def test_hand_made_matrix_is_stored_whole():
+    matrix = [[1.0, 0.25, 0.0], [0.25, 1.0, 0.5], [0.0, 0.5, 1.0]]
+    rebuilt, serialized = assert_config_round_trip(SimLoss(matrix))
+    assert serialized["config"]["similarity"]["config"]["matrix"] == matrix
+    np.testing.assert_array_equal(np.asarray(rebuilt.similarity), matrix)
+
+
+def test_saved_model_loads_without_custom_objects(tmp_path):
+    keras.utils.set_random_seed(0)
+    x, y = _ordinal_data(64, 6, 2)
+    model = _small_model(6)
+    model.compile(
+        optimizer="adam",
+        loss=SimLoss(similarity.ordinal(6, 0.7), from_logits=True),
+        metrics=[
+            keras_simloss.ClassMeanAbsoluteError(),
+            keras_simloss.ClassMeanSquaredError(class_values=np.arange(6) * 10.0),
+            keras_simloss.SuperclassAccuracy([0, 0, 0, 1, 1, 1]),
+            keras_simloss.FailedSuperclassAccuracy([0, 0, 0, 1, 1, 1]),
+            keras_simloss.MistakeSeverity(
+                similarity.from_hierarchy([0, 0, 0, 1, 1, 1], 0.5)
+            ),
+        ],
+    )
+    model.fit(x, y, epochs=1, verbose=0)
+    before = model.evaluate(x, y, verbose=0, return_dict=True)
+    loaded = save_and_reload(model, tmp_path)
+    assert isinstance(loaded.loss, SimLoss)
+    after = loaded.evaluate(x, y, verbose=0, return_dict=True)
+    assert after == before
+    outputs = loaded.predict(x, verbose=0)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(loaded.loss(y, outputs)),
+        keras.ops.convert_to_numpy(model.loss(y, outputs)),
+    )
+
+
+def test_size_mismatch_names_both_sizes():
+    loss = SimLoss(similarity.ordinal(10, 0.5))
+    with pytest.raises(
+        ValueError, match=r"similarity.num_classes=10, y_pred.shape\[-1\]=12"
+    ):
+        loss([0], np.full((1, 12), 1 / 12))
+
+
+def test_size_mismatch_is_caught_when_compiling_a_model():
+    model = _small_model(5)
+    model.compile(loss=SimLoss(similarity.ordinal(7, 0.5), from_logits=True))
+    x, y = _ordinal_data(8, 5, 0)
+    with pytest.raises(
+        ValueError, match=r"similarity.num_classes=7, y_pred.shape\[-1\]=5"
+    ):
+        model.fit(x, y, verbose=0)
+
+
+@pytest.mark.parametrize(
+    "bad_label", [-1, 4, 2.5], ids=["negative", "too-large", "fraction"]
+)
+def test_labels_out_of_range_raise_in_eager_mode(bad_label):
+    loss = SimLoss(similarity.ordinal(4, 0.5))
+    with pytest.raises(ValueError, match=r"Expected integer class indices in \[0, 4\)"):
+        loss(np.array([0, bad_label], dtype=np.float32), np.full((2, 4), 0.25))
+
+
+def test_soft_labels_are_rejected():
+    loss = SimLoss(similarity.ordinal(3, 0.5))
+    with pytest.raises(ValueError, match="one-hot"):
+        loss(np.array([[0.9, 0.1, 0.0]]), np.full((1, 3), 1 / 3))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"diagonal"):
+        SimLoss(np.full((3, 3), 0.5))
+    with pytest.raises(TypeError, match="from_logits"):
+        SimLoss(np.eye(3), from_logits="yes")
+    with pytest.raises(ValueError, match="reduction"):
+        SimLoss(np.eye(3), reduction="median")
+    with pytest.raises(TypeError, match="similarity"):
+        SimLoss(None)

@@ -1,0 +1,222 @@
+import keras
+import numpy as np
+import pytest
+
+from keras_simloss import (
+    ClassMeanAbsoluteError,
+    ClassMeanSquaredError,
+    FailedSuperclassAccuracy,
+    MistakeSeverity,
+    SuperclassAccuracy,
+    similarity,
+)
+from tests.testing import assert_config_round_trip
+
+NUM_CLASSES = 6
+SUPERCLASS_OF = np.array([0, 0, 1, 1, 1, 2])
+CLASS_VALUES = np.array([1.0, 5.0, 6.0, 20.0, 21.0, 40.0])
+SIMILARITY = similarity.ordinal(NUM_CLASSES, 0.5)
+
+
+# Independent NumPy references over a whole epoch: weighted sums, not means of
+# batch means.
+def ref_mae(y, pred, w, values=None):
+    v = np.arange(NUM_CLASSES, dtype=np.float64) if values is None else values
+    return np.sum(w * np.abs(v[pred] - v[y])) / np.sum(w)
+
+
+def ref_mse(y, pred, w, values=None):
+    v = np.arange(NUM_CLASSES, dtype=np.float64) if values is None else values
+    return np.sum(w * (v[pred] - v[y]) ** 2) / np.sum(w)
+
+
+def ref_sa(y, pred, w):
+    return np.sum(w * (SUPERCLASS_OF[y] == SUPERCLASS_OF[pred])) / np.sum(w)
+
+
+def ref_fsa(y, pred, w):
+    wrong = y != pred
+    if np.sum(w * wrong) == 0:
+        return 0.0
+    return np.sum(w * wrong * (SUPERCLASS_OF[y] == SUPERCLASS_OF[pred])) / np.sum(
+        w * wrong
+    )
+
+
+def ref_severity(y, pred, w):
+    wrong = y != pred
+    matrix = 0.5 ** np.abs(
+        np.arange(NUM_CLASSES)[:, None] - np.arange(NUM_CLASSES)[None, :]
+    )
+    if np.sum(w * wrong) == 0:
+        return 0.0
+    return np.sum(w * wrong * (1.0 - matrix[y, pred])) / np.sum(w * wrong)
+
+
+METRICS = {
+    "mae": (ClassMeanAbsoluteError, {}, ref_mae),
+    "mae-values": (
+        ClassMeanAbsoluteError,
+        {"class_values": CLASS_VALUES, "name": "age_mae"},
+        lambda y, p, w: ref_mae(y, p, w, CLASS_VALUES),
+    ),
+    "mse": (ClassMeanSquaredError, {}, ref_mse),
+    "mse-values": (
+        ClassMeanSquaredError,
+        {"class_values": CLASS_VALUES, "name": "age_mse"},
+        lambda y, p, w: ref_mse(y, p, w, CLASS_VALUES),
+    ),
+    "sa": (SuperclassAccuracy, {"superclass_of": SUPERCLASS_OF}, ref_sa),
+    "fsa": (FailedSuperclassAccuracy, {"superclass_of": SUPERCLASS_OF}, ref_fsa),
+    "severity": (MistakeSeverity, {"similarity": SIMILARITY}, ref_severity),
+}
+
+
+def _data(seed, n=37):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, NUM_CLASSES, size=n)
+    logits = rng.normal(size=(n, NUM_CLASSES)).astype(np.float32)
+    # Make about half the predictions right so both branches are exercised.
+    right = rng.uniform(size=n) < 0.5
+    logits[right, y[right]] += 10.0
+    weights = rng.uniform(0.0, 2.0, size=n).astype(np.float32)
+    weights[:3] = 0.0
+    return y, logits, weights
+
+
+@pytest.mark.parametrize("name", list(METRICS), ids=list(METRICS))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ragged_weighted_batches_match_numpy(name, seed):
+    cls, kwargs, reference = METRICS[name]
+    metric = cls(**kwargs)
+    y, logits, weights = _data(seed)
+    for start in range(0, len(y), 10):  # batches of 10, 10, 10, 7
+        stop = start + 10
+        metric.update_state(
+            y[start:stop], logits[start:stop], sample_weight=weights[start:stop]
+        )
+    expected = reference(y, logits.argmax(-1), weights.astype(np.float64))
+    assert float(metric.result()) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", list(METRICS), ids=list(METRICS))
+def test_label_formats_and_weight_shapes_agree(name):
+    cls, kwargs, reference = METRICS[name]
+    y, logits, weights = _data(5, n=12)
+    expected = reference(y, logits.argmax(-1), weights.astype(np.float64))
+    for labels, w in [
+        (y[:, None], weights[:, None]),
+        (np.eye(NUM_CLASSES, dtype=np.float32)[y], weights),
+    ]:
+        metric = cls(**kwargs)
+        metric.update_state(labels, logits, sample_weight=w)
+        assert float(metric.result()) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", list(METRICS), ids=list(METRICS))
+def test_reset_state_and_empty_result(name):
+    cls, kwargs, _ = METRICS[name]
+    metric = cls(**kwargs)
+    assert float(metric.result()) == 0.0  # 0 / 0 is 0
+    y, logits, _ = _data(3)
+    metric.update_state(y, logits)
+    metric.reset_state()
+    assert float(metric.result()) == 0.0
+
+
+@pytest.mark.parametrize("name", list(METRICS), ids=list(METRICS))
+def test_config_round_trip(name):
+    cls, kwargs, _ = METRICS[name]
+    metric = cls(**kwargs)
+    rebuilt, serialized = assert_config_round_trip(metric)
+    assert rebuilt.name == metric.name
+    y, logits, weights = _data(8)
+    metric.update_state(y, logits, sample_weight=weights)
+    rebuilt.update_state(y, logits, sample_weight=weights)
+    assert float(rebuilt.result()) == float(metric.result())
+
+
+def test_hand_computed_cases():
+    # Labels 0, 1, 5; predictions 1 (same superclass), 1 (right), 2 (other
+    # superclass).
+    y = np.array([0, 1, 5])
+    probs = np.eye(NUM_CLASSES, dtype=np.float32)[[1, 1, 2]]
+    cases = [
+        (ClassMeanAbsoluteError(), (1 + 0 + 3) / 3),
+        (ClassMeanSquaredError(), (1 + 0 + 9) / 3),
+        (ClassMeanAbsoluteError(class_values=CLASS_VALUES), (4 + 0 + 34) / 3),
+        (SuperclassAccuracy(SUPERCLASS_OF), 2 / 3),
+        (FailedSuperclassAccuracy(SUPERCLASS_OF), 1 / 2),
+        # 1 - 0.5 ** 1 and 1 - 0.5 ** 3 over the two mistakes.
+        (MistakeSeverity(SIMILARITY), (0.5 + 0.875) / 2),
+    ]
+    for metric, expected in cases:
+        metric.update_state(y, probs)
+        assert float(metric.result()) == pytest.approx(expected, rel=1e-6), metric.name
+
+
+def test_failed_superclass_accuracy_without_mistakes_is_zero():
+    metric = FailedSuperclassAccuracy(SUPERCLASS_OF)
+    metric.update_state([0, 3], np.eye(NUM_CLASSES)[[0, 3]])
+    assert float(metric.result()) == 0.0
+
+
+@pytest.mark.parametrize(
+    "sim",
+    [
+        similarity.top_k(similarity.ordinal(NUM_CLASSES, 0.5), k=2),
+        similarity.from_embeddings(
+            np.random.default_rng(0).normal(size=(NUM_CLASSES, 3)), 0.2
+        ),
+        similarity.from_hierarchy(SUPERCLASS_OF, 0.4),
+    ],
+    ids=["sparse", "embeddings", "hierarchy"],
+)
+def test_mistake_severity_with_structured_similarity_matches_dense(sim):
+    y, logits, weights = _data(4)
+    dense = np.asarray(sim).astype(np.float64)
+    pred = logits.argmax(-1)
+    wrong = y != pred
+    expected = np.sum(weights * wrong * (1 - dense[y, pred])) / np.sum(weights * wrong)
+    metric = MistakeSeverity(sim)
+    metric.update_state(y, logits, sample_weight=weights)
+    assert float(metric.result()) == pytest.approx(expected, rel=1e-5)
+
+
+def test_metrics_in_xla_compiled_evaluate_match_numpy():
+    keras.utils.set_random_seed(1)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(53, 5)).astype(np.float32)
+    y = rng.integers(0, NUM_CLASSES, size=53)
+    weights = rng.uniform(0, 2, size=53).astype(np.float32)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(NUM_CLASSES)])
+    metrics = [cls(**kwargs) for cls, kwargs, _ in METRICS.values()]
+    model.compile(
+        loss="sparse_categorical_crossentropy",
+        weighted_metrics=metrics,
+        jit_compile=True,
+    )
+    result = model.evaluate(
+        x, y, sample_weight=weights, batch_size=16, verbose=0, return_dict=True
+    )
+    pred = model.predict(x, verbose=0).argmax(-1)
+    for metric, (_, _, reference) in zip(metrics, METRICS.values()):
+        expected = reference(y, pred, weights.astype(np.float64))
+        assert result[metric.name] == pytest.approx(expected, rel=1e-5, abs=1e-6), (
+            metric.name
+        )
+
+
+def test_bad_arguments_and_inputs():
+    with pytest.raises(ValueError, match=r"superclass_of.*integer ids"):
+        SuperclassAccuracy([0.5, 1.0])
+    with pytest.raises(ValueError, match=r"class_values.*finite"):
+        ClassMeanAbsoluteError(class_values=[1.0, np.nan])
+    with pytest.raises(ValueError, match=r"class_values"):
+        ClassMeanSquaredError(class_values=[[1.0, 2.0]])
+    with pytest.raises(
+        ValueError, match=r"similarity.num_classes=6, y_pred.shape\[-1\]=4"
+    ):
+        SuperclassAccuracy(SUPERCLASS_OF).update_state([0], [[0.1, 0.2, 0.3, 0.4]])
+    with pytest.raises(ValueError, match=r"in \[0, 6\)"):
+        MistakeSeverity(SIMILARITY).update_state([7], np.full((1, 6), 1 / 6))
