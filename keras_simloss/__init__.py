@@ -4,9 +4,16 @@
   (Kobs et al., 2020, https://arxiv.org/abs/2003.03182).
 - `keras_simloss.similarity`: builders of class-similarity matrices.
 - `keras_simloss.metrics`: metrics of how good the mistakes are.
+- `Distiller`, `SimilarityPreserving`: similarity-preserving knowledge
+  distillation (Tung & Mori, 2019, https://arxiv.org/abs/1907.09682).
 """
 
-from keras_simloss import datasets, metrics, similarity
+from keras_simloss import datasets, distillation, metrics, similarity
+from keras_simloss.distillation import (
+    Distiller,
+    SimilarityPreserving,
+    similarity_preserving_loss,
+)
 from keras_simloss.losses import SimLoss, sim_loss
 from keras_simloss.metrics import (
     ClassMeanAbsoluteError,
@@ -21,12 +28,16 @@ __version__ = "0.1.0"
 __all__ = [
     "ClassMeanAbsoluteError",
     "ClassMeanSquaredError",
+    "Distiller",
     "FailedSuperclassAccuracy",
     "MistakeSeverity",
     "SimLoss",
+    "SimilarityPreserving",
     "SuperclassAccuracy",
     "datasets",
+    "distillation",
     "metrics",
     "sim_loss",
     "similarity",
+    "similarity_preserving_loss",
 ]

@@ -415,6 +415,11 @@ class Distiller(keras.Model):
         self.teacher = teacher
         self.student = student
         self.teacher.trainable = False
+        # With both models built, so is the distiller: fit needs no symbolic
+        # build (which BackupAndRestore requires, and which fails under
+        # MultiWorkerMirroredStrategy, keras-team/keras#20585).
+        if teacher.built and student.built:
+            self.built = True
         self._total_tracker = keras.metrics.Mean(name="loss")
         self._student_tracker = keras.metrics.Mean(name="student_loss")
         self._sp_tracker = keras.metrics.Mean(name="sp_loss")
@@ -425,16 +430,30 @@ class Distiller(keras.Model):
     def call(self, inputs, training=None):
         return self.student(inputs, training=training)
 
+    def _recorded(self, recorded, role):
+        """The recorded activations of the pairs, in order."""
+        features = []
+        for index, (teacher_name, student_name) in enumerate(self.layer_pairs):
+            if f"pair{index}" not in recorded:
+                name = teacher_name if role == "teacher" else student_name
+                raise ValueError(
+                    f"Layer {name!r} of the {role} did not run in its forward "
+                    "pass (it is not on the path from the inputs to the "
+                    "outputs), so it has no activations to distil."
+                )
+            features.append(recorded[f"pair{index}"])
+        return features
+
     def _teacher_forward(self, x):
         with _recording_outputs(self._teacher_layers) as recorded:
             logits = self.teacher(x, training=False)
-        features = [ops.stop_gradient(recorded[key]) for key in self._teacher_layers]
+        features = [ops.stop_gradient(f) for f in self._recorded(recorded, "teacher")]
         return ops.stop_gradient(logits), features
 
     def _student_forward(self, x, training):
         with _recording_outputs(self._student_layers) as recorded:
             y_pred = self.student(x, training=training)
-        return y_pred, [recorded[key] for key in self._student_layers]
+        return y_pred, self._recorded(recorded, "student")
 
     # Losses -----------------------------------------------------------------
 
@@ -505,7 +524,10 @@ class Distiller(keras.Model):
         import tensorflow as tf
 
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        variables = self.student.trainable_variables
+        # The teacher is frozen, so these are the student's; taken from the
+        # distiller, in its order, as Keras builds the optimizer from them when
+        # it restores a checkpoint.
+        variables = self.trainable_variables
         with tf.GradientTape() as tape:
             y_pred, total, parts = self._step_losses(x, y, sample_weight, training=True)
             # Loss scaling under mixed_float16 (identity otherwise).

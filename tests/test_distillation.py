@@ -1,0 +1,585 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+from keras_simloss import SimLoss, similarity
+from keras_simloss.distillation import (
+    Distiller,
+    SimilarityPreserving,
+    similarity_preserving_loss,
+)
+from tests.testing import assert_config_round_trip, save_and_reload, softmax
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def numpy_sp(teacher, student):
+    """SP loss in float64: row-normalised Gram matrices, ||.||_F^2 / b^2."""
+
+    def gram(features):
+        flat = np.asarray(features, np.float64).reshape(len(features), -1)
+        g = flat @ flat.T
+        return g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+
+    b = len(teacher)
+    return np.sum((gram(teacher) - gram(student)) ** 2) / b**2
+
+
+SHAPES = {
+    "conv-vs-conv": ((8, 6, 6, 16), (8, 3, 3, 4)),
+    "conv-vs-dense": ((8, 4, 4, 8), (8, 10)),
+    "dense-vs-dense": ((5, 32), (5, 7)),
+    "rank5": ((4, 2, 3, 3, 2), (4, 6)),
+}
+
+
+@pytest.mark.parametrize("shapes", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sp_loss_matches_numpy(shapes, seed):
+    rng = np.random.default_rng(seed)
+    teacher_shape, student_shape = SHAPES[shapes]
+    teacher = np.maximum(rng.normal(size=teacher_shape), 0).astype(np.float32)
+    student = rng.normal(size=student_shape).astype(np.float32)
+    got = float(similarity_preserving_loss(teacher, student))
+    assert got == pytest.approx(numpy_sp(teacher, student), rel=1e-5, abs=1e-7)
+
+
+def test_sp_oracles():
+    rng = np.random.default_rng(3)
+    teacher = rng.normal(size=(6, 4, 4, 8)).astype(np.float32)
+    student = rng.normal(size=(6, 2, 2, 3)).astype(np.float32)
+    base = float(similarity_preserving_loss(teacher, student))
+    assert base > 0
+    assert float(similarity_preserving_loss(teacher, teacher)) == pytest.approx(
+        0.0, abs=1e-10
+    )
+    # Invariant to a positive scale of either side.
+    assert float(similarity_preserving_loss(37.0 * teacher, student)) == pytest.approx(
+        base, rel=1e-5
+    )
+    assert float(similarity_preserving_loss(teacher, 1e-3 * student)) == pytest.approx(
+        base, rel=1e-5
+    )
+    # NHWC vs NCHW flattening.
+    nchw = np.transpose(teacher, (0, 3, 1, 2))
+    assert float(similarity_preserving_loss(nchw, student)) == pytest.approx(
+        base, rel=1e-5
+    )
+    # At most 4 / b: orthogonal teacher rows vs identical student rows comes
+    # close; random inputs stay below.
+    b = 6
+    assert base <= 4 / b
+    worst = float(similarity_preserving_loss(np.eye(b), -np.ones((b, 3))))
+    assert worst <= 4 / b
+
+
+def test_sp_loss_in_float16_is_finite_and_float32():
+    big = np.full((4, 300), 300.0, np.float16)  # a float16 Gram would overflow
+    value = similarity_preserving_loss(big, np.eye(4, dtype=np.float16))
+    assert keras.backend.standardize_dtype(value.dtype) == "float32"
+    assert np.isfinite(float(value))
+    assert float(value) == pytest.approx(numpy_sp(big, np.eye(4)), rel=1e-5)
+
+
+def test_sp_loss_rejects_different_batch_sizes():
+    with pytest.raises(ValueError, match=r"same batch size.*\(4, 3\).*\(5, 3\)"):
+        similarity_preserving_loss(np.ones((4, 3)), np.ones((5, 3)))
+
+
+# Models ---------------------------------------------------------------------
+
+
+def conv_net(width, name, num_classes=5, input_shape=(8, 8, 3)):
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(width, 3, padding="same", name="conv1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(width, 3, padding="same", activation="relu", name="block")(
+        x
+    )
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def nested_net(width, name):
+    backbone = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.Conv2D(
+                width, 3, padding="same", activation="relu", name="stem"
+            ),
+            keras.layers.Conv2D(
+                width, 3, padding="same", activation="relu", name="group3"
+            ),
+        ],
+        name="backbone",
+    )
+    inputs = keras.Input((8, 8, 3))
+    x = backbone(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(5)(x), name=name)
+
+
+def data(n=48, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 5, size=n)
+    x = rng.normal(size=(n, 8, 8, 3)).astype(np.float32)
+    x[..., 0] += y[:, None, None]  # learnable
+    return x, y
+
+
+def make_distiller(seed=0, **kwargs):
+    keras.utils.set_random_seed(seed)
+    teacher = conv_net(16, "teacher")
+    student = conv_net(4, "student")
+    kwargs.setdefault("layer_pairs", [("block", "block")])
+    return Distiller(teacher, student, **kwargs)
+
+
+# Distiller --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_fit_trains_only_the_student_and_reports_each_part(jit_compile):
+    distiller = make_distiller(alpha=0.3)
+    distiller.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=jit_compile,
+    )
+    x, y = data()
+    teacher_before = [w.copy() for w in distiller.teacher.get_weights()]
+    student_before = [w.copy() for w in distiller.student.get_weights()]
+    history = distiller.fit(
+        x, y, epochs=6, batch_size=16, validation_data=(x, y), verbose=0
+    )
+    logs = history.history
+    for key in [
+        "loss",
+        "student_loss",
+        "sp_loss",
+        "kd_loss",
+        "accuracy",
+        "val_loss",
+        "val_sp_loss",
+    ]:
+        assert key in logs, sorted(logs)
+        assert np.all(np.isfinite(logs[key]))
+    assert logs["loss"][-1] < logs["loss"][0]
+    for before, after in zip(teacher_before, distiller.teacher.get_weights()):
+        np.testing.assert_array_equal(before, after)  # BN statistics included
+    assert any(
+        not np.array_equal(before, after)
+        for before, after in zip(student_before, distiller.student.get_weights())
+    )
+    # predict is the student's (up to XLA's rounding).
+    np.testing.assert_allclose(
+        distiller.predict(x, verbose=0),
+        distiller.student.predict(x, verbose=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_student_runs_once_per_step_so_batch_norm_moves_once():
+    distiller = make_distiller()
+    distiller.compile(
+        optimizer=keras.optimizers.SGD(0.0), loss="sparse_categorical_crossentropy"
+    )
+    x, y = data(n=16)
+    bn = distiller.student.get_layer("bn")
+    conv = keras.Model(
+        distiller.student.inputs, distiller.student.get_layer("conv1").output
+    )
+    batch_mean = conv.predict(x, verbose=0).mean(axis=(0, 1, 2))
+    distiller.fit(x, y, epochs=1, batch_size=16, shuffle=False, verbose=0)
+    # One update from zeros: moving_mean = (1 - momentum) * batch mean. A
+    # second forward pass in training mode would give a different value.
+    np.testing.assert_allclose(
+        bn.moving_mean.numpy(), (1 - bn.momentum) * batch_mean, rtol=1e-4, atol=1e-6
+    )
+
+
+def test_loss_parts_match_independent_computation():
+    sim = similarity.ordinal(5, 0.5)
+    distiller = make_distiller(gamma=100.0, alpha=0.25, temperature=2.0)
+    distiller.compile(loss=SimLoss(sim, from_logits=True))
+    x, y = data(n=12, seed=4)
+    weights = np.random.default_rng(5).uniform(0, 2, size=12).astype(np.float32)
+    result = distiller.evaluate(
+        x, y, sample_weight=weights, batch_size=12, verbose=0, return_dict=True
+    )
+
+    teacher_view = keras.Model(
+        distiller.teacher.inputs, distiller.teacher.get_layer("block").output
+    )
+    student_view = keras.Model(
+        distiller.student.inputs, distiller.student.get_layer("block").output
+    )
+    teacher_logits = distiller.teacher.predict(x, verbose=0)
+    student_logits = distiller.student.predict(x, verbose=0)
+    sp = numpy_sp(
+        teacher_view.predict(x, verbose=0), student_view.predict(x, verbose=0)
+    )
+    per_example = -np.log(np.sum(np.asarray(sim)[y] * softmax(student_logits), axis=-1))
+    student = np.sum(per_example * weights) / len(y)
+    p_t, p_s = softmax(teacher_logits / 2.0), softmax(student_logits / 2.0)
+    kd = 4.0 * np.mean(np.sum(p_t * (np.log(p_t) - np.log(p_s)), axis=-1))
+    assert result["sp_loss"] == pytest.approx(sp, rel=1e-4)
+    assert result["student_loss"] == pytest.approx(student, rel=1e-5)
+    assert result["kd_loss"] == pytest.approx(kd, rel=1e-4)
+    assert result["loss"] == pytest.approx(
+        0.75 * student + 100.0 * sp + 0.25 * kd, rel=1e-4
+    )
+
+
+def test_simloss_student_with_sample_and_class_weights_under_xla():
+    distiller = make_distiller()
+    distiller.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=SimLoss(similarity.ordinal(5, 0.6), from_logits=True),
+        jit_compile=True,
+    )
+    x, y = data()
+    weights = np.linspace(0.5, 1.5, len(y)).astype(np.float32)
+    history = distiller.fit(
+        x, y, sample_weight=weights, epochs=4, batch_size=16, verbose=0
+    )
+    assert history.history["student_loss"][-1] < history.history["student_loss"][0]
+    history = distiller.fit(
+        x, y, class_weight={c: 1.0 + c for c in range(5)}, epochs=1, verbose=0
+    )
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_nested_backbone_layers_and_names():
+    keras.utils.set_random_seed(0)
+    teacher, student = nested_net(16, "teacher"), nested_net(4, "student")
+    distiller = Distiller(teacher, student, layer_pairs=[("backbone/group3", "group3")])
+    distiller.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = data()
+    history = distiller.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    assert np.all(np.isfinite(history.history["sp_loss"]))
+    assert history.history["sp_loss"][0] > 0
+    with pytest.raises(ValueError, match=r"No layer named 'group4'.*'backbone/group3'"):
+        Distiller(teacher, student, layer_pairs=[("group4", "group3")])
+
+
+def test_sequential_models_work():
+    keras.utils.set_random_seed(0)
+
+    def sequential(width, name):
+        return keras.Sequential(
+            [
+                keras.Input((8, 8, 3)),
+                keras.layers.Conv2D(width, 3, activation="relu", name="features"),
+                keras.layers.Flatten(),
+                keras.layers.Dense(5),
+            ],
+            name=name,
+        )
+
+    distiller = Distiller(
+        sequential(8, "t"), sequential(2, "s"), [("features", "features")]
+    )
+    distiller.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = data()
+    assert np.isfinite(distiller.fit(x, y, epochs=1, verbose=0).history["sp_loss"][0])
+
+
+def test_mixed_float16_trains_with_finite_loss():
+    keras.config.set_dtype_policy("mixed_float16")
+    distiller = make_distiller(alpha=0.5)
+    distiller.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    assert isinstance(distiller.optimizer, keras.optimizers.LossScaleOptimizer)
+    x, y = data()
+    history = distiller.fit(x * 100.0, y, epochs=3, batch_size=16, verbose=0)
+    for key in ("loss", "sp_loss", "kd_loss"):
+        assert np.all(np.isfinite(history.history[key])), key
+
+
+def test_student_save_gives_a_plain_model(tmp_path):
+    distiller = make_distiller()
+    distiller.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = data()
+    distiller.fit(x, y, epochs=1, verbose=0)
+    loaded = save_and_reload(distiller.student, tmp_path, "student.keras")
+    assert isinstance(loaded, keras.Model) and not isinstance(loaded, Distiller)
+    np.testing.assert_array_equal(
+        loaded.predict(x, verbose=0), distiller.student.predict(x, verbose=0)
+    )
+
+
+def test_distiller_config_and_keras_file_round_trip(tmp_path):
+    distiller = make_distiller(
+        alpha=0.2, gamma=50.0, temperature=3.0, gram_batch="global"
+    )
+    rebuilt, serialized = assert_config_round_trip(distiller)
+    assert serialized["config"]["layer_pairs"] == [["block", "block"]]
+    assert (rebuilt.gamma, rebuilt.alpha, rebuilt.temperature, rebuilt.gram_batch) == (
+        50.0,
+        0.2,
+        3.0,
+        "global",
+    )
+    distiller.compile(
+        optimizer="adam",
+        loss=SimLoss(similarity.ordinal(5, 0.5), from_logits=True),
+        metrics=["accuracy"],
+    )
+    x, y = data()
+    distiller.fit(x, y, epochs=1, verbose=0)
+    loaded = save_and_reload(distiller, tmp_path)
+    assert isinstance(loaded, Distiller)
+    np.testing.assert_array_equal(
+        loaded.predict(x, verbose=0), distiller.predict(x, verbose=0)
+    )
+    for a, b in zip(loaded.teacher.get_weights(), distiller.teacher.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    before = distiller.evaluate(x, y, verbose=0, return_dict=True)
+    assert loaded.evaluate(x, y, verbose=0, return_dict=True) == pytest.approx(before)
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("interrupted")
+
+
+def test_backup_and_restore_resumes_to_the_same_weights(tmp_path):
+    x, y = data()
+
+    def run(callbacks):
+        distiller = make_distiller(seed=7)
+        distiller.compile(
+            optimizer=keras.optimizers.Adam(1e-2),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        distiller.fit(
+            x, y, epochs=4, batch_size=16, shuffle=False, verbose=0, callbacks=callbacks
+        )
+        return distiller
+
+    reference = run([])
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        str(tmp_path / "best.keras"), monitor="loss"
+    )
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run([backup, checkpoint, _Interrupt(epoch=2)])
+    resumed = run([backup, checkpoint])
+    for a, b in zip(reference.student.get_weights(), resumed.student.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    best = keras.models.load_model(str(tmp_path / "best.keras"))
+    assert isinstance(best, Distiller)
+
+
+def test_similarity_preserving_in_keras_distiller():
+    keras.utils.set_random_seed(0)
+    teacher, student = conv_net(16, "teacher"), conv_net(4, "student")
+    loss = SimilarityPreserving("block", "block")
+    rebuilt, _ = assert_config_round_trip(loss)
+    assert (rebuilt.teacher_layer_name, rebuilt.student_layer_name) == (
+        "block",
+        "block",
+    )
+    distiller = keras.distillation.Distiller(
+        teacher,
+        student,
+        distillation_losses=[loss],
+        distillation_loss_weights=[3000.0],
+        student_loss_weight=0.5,
+    )
+    distiller.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = data()
+    history = distiller.fit(x, y, epochs=5, batch_size=16, verbose=0)
+    distillation = history.history["distillation_loss"]
+    assert np.all(np.isfinite(distillation)) and distillation[-1] < distillation[0]
+    with pytest.raises(ValueError, match="No layer named 'nope'"):
+        keras.distillation.Distiller(
+            teacher, student, [SimilarityPreserving("nope", "block")]
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"gamma": -1.0}, ValueError, r"Expected 0.0 <= gamma. Received: gamma=-1.0"),
+        (
+            {"layer_pairs": []},
+            ValueError,
+            r"Nothing to distil.*layer_pairs=\[\], alpha=0",
+        ),
+        ({"gamma": 0.0}, ValueError, r"Nothing to distil"),
+        ({"alpha": 1.5}, ValueError, r"alpha <= 1.0"),
+        ({"temperature": 0.0}, ValueError, r"0.0 < temperature"),
+        ({"gram_batch": "all"}, ValueError, r"gram_batch"),
+        ({"layer_pairs": ["block"]}, ValueError, r"layer_pairs"),
+        (
+            {"layer_pairs": [("nope", "block")]},
+            ValueError,
+            r"No layer named 'nope' in the teacher.*'block'",
+        ),
+    ],
+    ids=[
+        "gamma<0",
+        "no-terms",
+        "gamma=0",
+        "alpha>1",
+        "temperature",
+        "gram-batch",
+        "pair-shape",
+        "unknown-layer",
+    ],
+)
+def test_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        make_distiller(**kwargs)
+
+
+def test_different_input_shapes_are_rejected():
+    with pytest.raises(ValueError, match=r"same inputs.*\(8, 8, 3\).*\(16, 16, 3\)"):
+        Distiller(
+            conv_net(4, "t"),
+            conv_net(4, "s", input_shape=(16, 16, 3)),
+            [("block", "block")],
+        )
+
+
+def test_pair_with_different_batch_sizes_is_rejected():
+    keras.utils.set_random_seed(0)
+    # A student whose chosen layer merges pairs of examples: (8, ...) -> (4, ...).
+    inputs = keras.Input((8, 8, 3), batch_size=8)
+    merged = keras.layers.Lambda(
+        lambda t: keras.ops.reshape(t, (4, -1)), name="merged"
+    )(inputs)
+    unmerged = keras.layers.Lambda(lambda t: keras.ops.reshape(t, (8, -1)))(merged)
+    student = keras.Model(inputs, keras.layers.Dense(5)(unmerged), name="student")
+    distiller = Distiller(conv_net(4, "teacher"), student, [("block", "merged")])
+    distiller.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = data(n=8)
+    with pytest.raises(
+        ValueError, match=r"same batch size.*for the pair \('block', 'merged'\)"
+    ):
+        distiller.fit(x, y, batch_size=8, verbose=0)
+
+
+class _BranchingStudent(keras.Model):
+    """A subclassed student with a layer its forward pass never calls."""
+
+    def __init__(self):
+        super().__init__(name="student")
+        self.flatten = keras.layers.Flatten()
+        self.logits = keras.layers.Dense(5)
+        self.unused = keras.layers.Dense(3, name="unused")
+
+    def call(self, inputs):
+        return self.logits(self.flatten(inputs))
+
+
+def test_layer_that_does_not_run_is_reported():
+    keras.utils.set_random_seed(0)
+    student = _BranchingStudent()
+    student(np.zeros((1, 8, 8, 3), np.float32))
+    distiller = Distiller(conv_net(4, "teacher"), student, [("block", "unused")])
+    distiller.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = data(n=8)
+    with pytest.raises(ValueError, match=r"'unused' of the student did not run"):
+        distiller.fit(x, y, verbose=0)
+
+
+def _run_script(script, timeout=240):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO_ROOT)
+    completed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO_ROOT,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+_MIRRORED = """
+    import json
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    from tests.test_distillation import conv_net, data, numpy_sp
+    from keras_simloss.distillation import Distiller
+
+    x, y = data(n=64)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    results = {"replicas": strategy.num_replicas_in_sync}
+    for gram_batch in ("replica", "global"):
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            distiller = Distiller(conv_net(16, "teacher"), conv_net(4, "student"),
+                                  [("block", "block")], gram_batch=gram_batch)
+            distiller.compile(optimizer=keras.optimizers.Adam(1e-2),
+                              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        # SP over 16 examples per step: each replica's 8 vs the global 16.
+        evaluated = distiller.evaluate(x[:16], y[:16], batch_size=16, verbose=0, return_dict=True)
+        t = keras.Model(distiller.teacher.inputs, distiller.teacher.get_layer("block").output)
+        s = keras.Model(distiller.student.inputs, distiller.student.get_layer("block").output)
+        ft, fs = t.predict(x[:16], verbose=0), s.predict(x[:16], verbose=0)
+        results[gram_batch] = {
+            "evaluated_sp": evaluated["sp_loss"],
+            "global_sp": float(numpy_sp(ft, fs)),
+            "local_sp": float((numpy_sp(ft[:8], fs[:8]) + numpy_sp(ft[8:], fs[8:])) / 2),
+            "losses": distiller.fit(x, y, epochs=5, batch_size=16, verbose=0).history["loss"],
+        }
+    print(json.dumps(results))
+"""
+
+
+def test_mirrored_strategy_on_two_logical_cpus():
+    results = _run_script(_MIRRORED)
+    assert results["replicas"] == 2
+    for gram_batch in ("replica", "global"):
+        losses = results[gram_batch]["losses"]
+        assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    replica, global_ = results["replica"], results["global"]
+    # The per-replica Gram covers each local half of the batch; the global
+    # one the whole batch, as on a single device.
+    assert replica["evaluated_sp"] == pytest.approx(replica["local_sp"], rel=1e-4)
+    assert global_["evaluated_sp"] == pytest.approx(global_["global_sp"], rel=1e-4)
+    assert global_["global_sp"] != pytest.approx(global_["local_sp"], rel=1e-3)
