@@ -246,6 +246,22 @@ def _num_replicas():
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
+def _multi_worker():
+    """Whether training runs under a multi-worker `tf.distribute` strategy."""
+    if keras.config.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy()
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if (
+        not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        or resolver is None
+    ):
+        return False
+    return len(resolver.cluster_spec().as_dict().get("worker", [])) > 1
+
+
 def _check_number(name, value, low, high=None, low_inclusive=True):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(
@@ -535,17 +551,57 @@ class Distiller(keras.Model):
         gradients = tape.gradient(scaled, variables)
         self.optimizer.apply_gradients(zip(gradients, variables))
         self._track(total, parts, x)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return self._step_logs(x, y, y_pred, sample_weight)
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         y_pred, total, parts = self._step_losses(x, y, sample_weight, training=False)
         self._track(total, parts, x)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return self._step_logs(x, y, y_pred, sample_weight)
+
+    def _step_logs(self, x, y, y_pred, sample_weight):
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        if _multi_worker():
+            # Workaround for a second multi-worker failure in Keras 3.15's
+            # TensorFlow trainer (see keras-team/keras#20585): it reduces each
+            # log across workers with `strategy.reduce("MEAN", v, axis=0)`,
+            # which rejects scalars. Shape (1,) reduces to the same scalar.
+            logs = {name: ops.reshape(value, (1,)) for name, value in logs.items()}
+        return logs
 
     def predict_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         return self.student(x, training=False)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Workaround for keras-team/keras#20585 (open as of Keras 3.15): under
+        # MultiWorkerMirroredStrategy, Keras's TensorFlow trainer builds
+        # metrics and optimizer from the first batch after reducing its
+        # per-replica values with `strategy.reduce`, which fails on a
+        # PerReplica batch before the first step. Building from the first
+        # replica's local batch instead needs no cross-worker call and gives
+        # the same shapes. Everything else goes to Keras unchanged.
+        strategy = getattr(self, "_distribute_strategy", None)
+        symbolic_build = getattr(self, "_symbolic_build", None)
+        if strategy is None or iterator is None or symbolic_build is None:
+            return super()._maybe_symbolic_build(
+                iterator=iterator, data_batch=data_batch
+            )
+        import tensorflow as tf
+
+        for _, _, batches in iterator:
+            batch = next(batches)
+            break
+        local_batch = keras.tree.map_structure(
+            lambda value: (
+                strategy.experimental_local_results(value)[0]
+                if isinstance(value, tf.distribute.DistributedValues)
+                else value
+            ),
+            batch,
+        )
+        with strategy.scope():
+            symbolic_build(data_batch=local_batch)
 
     @property
     def metrics(self):
