@@ -340,7 +340,9 @@ class EmbeddingSimilarity(Similarity):
         self.vectors = table
         self.lower_bound = _check_number("lower_bound", lower_bound, 0.0, 1.0)
         self.num_classes = table.shape[0]
-        self._unit_vectors = (table / norms[:, None]).astype(np.float32)
+        # Only C extra numbers: cos(a, b) = (a . b) / (|a| |b|) with the
+        # inverse norms kept, rather than a second, normalised C x d table.
+        self._inverse_norms = (1.0 / norms).astype(np.float32)
 
     def _from_cosine(self, cosine, same_class):
         # Rounding can push a self-cosine a little above 1: clip into [0, 1]
@@ -353,8 +355,13 @@ class EmbeddingSimilarity(Similarity):
         return ops.where(same_class, 1.0, similarity)
 
     def rows(self, labels):
-        unit = ops.convert_to_tensor(self._unit_vectors)
-        cosine = ops.matmul(ops.take(unit, labels, axis=0), ops.transpose(unit))
+        vectors = ops.convert_to_tensor(self.vectors)
+        inverse_norms = ops.convert_to_tensor(self._inverse_norms)
+        # (b, d) x (d, C): the only O(b C d) work; no C x C matrix is formed.
+        dots = ops.matmul(ops.take(vectors, labels, axis=0), ops.transpose(vectors))
+        cosine = (
+            dots * ops.expand_dims(ops.take(inverse_norms, labels), -1) * inverse_norms
+        )
         same_class = ops.expand_dims(labels, -1) == ops.arange(
             self.num_classes, dtype="int32"
         )
@@ -362,15 +369,21 @@ class EmbeddingSimilarity(Similarity):
 
     def pairs(self, labels, classes):
         # Two vectors per example instead of a whole row.
-        unit = ops.convert_to_tensor(self._unit_vectors)
-        cosine = ops.sum(
-            ops.take(unit, labels, axis=0) * ops.take(unit, classes, axis=0), axis=-1
+        vectors = ops.convert_to_tensor(self.vectors)
+        inverse_norms = ops.convert_to_tensor(self._inverse_norms)
+        dots = ops.sum(
+            ops.take(vectors, labels, axis=0) * ops.take(vectors, classes, axis=0),
+            axis=-1,
+        )
+        cosine = (
+            dots * ops.take(inverse_norms, labels) * ops.take(inverse_norms, classes)
         )
         return self._from_cosine(cosine, labels == classes)
 
     def numpy_rows(self, classes):
         classes = np.asarray(classes)
-        unit = self._unit_vectors.astype(np.float64)
+        vectors = self.vectors.astype(np.float64)
+        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
         similarity = np.clip(unit[classes] @ unit.T, 0.0, 1.0)
         similarity = np.maximum(similarity - self.lower_bound, 0.0) / (
             1.0 - self.lower_bound

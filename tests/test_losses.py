@@ -8,10 +8,18 @@ from keras_simloss import SimLoss, sim_loss, similarity
 from tests.testing import assert_config_round_trip, save_and_reload, softmax
 
 
-def numpy_sim_loss(labels, probabilities, matrix):
-    """Eq. 1 per example, in float64: -log(sum_c S[y, c] p_c)."""
+def numpy_sim_loss(labels, probabilities, matrix, clip=False):
+    """Eq. 1 per example, in float64: -log(sum_c S[y, c] p_c).
+
+    With `clip`, probabilities are first clipped to [1e-7, 1 - 1e-7] and
+    renormalised, as Keras's cross entropy (and SimLoss) do for inputs that
+    are probabilities.
+    """
     probabilities = np.asarray(probabilities, np.float64)
     matrix = np.asarray(matrix, np.float64)
+    if clip:
+        probabilities = np.clip(probabilities, 1e-7, 1 - 1e-7)
+        probabilities = probabilities / probabilities.sum(axis=-1, keepdims=True)
     return -np.log(np.sum(matrix[labels] * probabilities, axis=-1))
 
 
@@ -354,3 +362,86 @@ def test_bad_arguments():
         SimLoss(np.eye(3), reduction="median")
     with pytest.raises(TypeError, match="similarity"):
         SimLoss(None)
+
+
+# Large label spaces: structured similarities equal the dense path ----------
+
+
+def _large_similarities(num_classes=2000, dim=16, k=8):
+    vectors = (
+        np.random.default_rng(21).normal(size=(num_classes, dim)).astype(np.float32)
+    )
+    embeddings = similarity.from_embeddings(vectors, lower_bound=0.2)
+    sparse = similarity.top_k(embeddings, k=k)
+    return {"embeddings": embeddings, "sparse": sparse}
+
+
+LARGE = _large_similarities()
+
+
+@pytest.mark.parametrize("kind", list(LARGE))
+@pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probs"])
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", None])
+def test_structured_similarity_equals_dense_under_xla(kind, from_logits, reduction):
+    structured = LARGE[kind]
+    dense = similarity.MatrixSimilarity(np.asarray(structured))
+    num_classes = structured.num_classes
+    rng = np.random.default_rng(22)
+    logits = rng.normal(scale=3.0, size=(64, num_classes)).astype(np.float32)
+    # Put some labels next to their most similar classes' mass.
+    labels = rng.integers(0, num_classes, size=64)
+    inputs = logits if from_logits else softmax(logits).astype(np.float32)
+    weights = rng.uniform(0, 2, size=64).astype(np.float32)
+
+    def compiled(sim):
+        loss = SimLoss(sim, from_logits=from_logits, reduction=reduction)
+        return tf.function(
+            lambda y, p, w: loss(y, p, sample_weight=w), jit_compile=True
+        )
+
+    ours = compiled(structured)(labels, inputs, weights).numpy()
+    reference = compiled(dense)(labels, inputs, weights).numpy()
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+    expected = numpy_sim_loss(
+        labels, softmax(logits), np.asarray(structured), clip=not from_logits
+    )
+    expected = expected * weights
+    if reduction is not None:
+        expected = expected.mean()
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(LARGE))
+def test_structured_configs_stay_compact(kind):
+    import json
+
+    sim = LARGE[kind]
+    text = json.dumps(keras.saving.serialize_keras_object(SimLoss(sim)))
+    state = sim.vectors.size if kind == "embeddings" else sim.indices.size * 2
+    # About 20 characters per stored number; a dense matrix would be C^2.
+    assert len(text) < 25 * state < sim.num_classes**2
+
+
+def test_structured_similarities_train_under_xla_and_reload(tmp_path):
+    num_classes = 300
+    rng = np.random.default_rng(23)
+    embeddings = similarity.from_embeddings(
+        rng.normal(size=(num_classes, 8)), lower_bound=0.3
+    )
+    sparse = similarity.top_k(embeddings, k=5)
+    x = rng.normal(size=(128, 6)).astype(np.float32)
+    y = rng.integers(0, num_classes, size=128)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(num_classes)])
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=SimLoss(sparse, from_logits=True),
+        metrics=[keras_simloss.MistakeSeverity(embeddings)],
+        jit_compile=True,
+    )
+    history = model.fit(x, y, epochs=5, batch_size=32, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    loaded = save_and_reload(model, tmp_path)
+    assert isinstance(loaded.loss.similarity, similarity.SparseSimilarity)
+    assert loaded.evaluate(x, y, verbose=0, return_dict=True) == model.evaluate(
+        x, y, verbose=0, return_dict=True
+    )
