@@ -161,7 +161,12 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="steps per round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--max-matrix-classes", type=int, default=10000)
+    parser.add_argument(
+        "--max-matrix-classes",
+        type=int,
+        default=1000,
+        help="skip the dense-matrix variant above this C (a 10,000-class matrix is 400 MB)",
+    )
     parser.add_argument(
         "--child", nargs=2, metavar=("VARIANT", "CLASSES"), help=argparse.SUPPRESS
     )

@@ -147,9 +147,9 @@ def validate_matrix(matrix, name="similarity"):
 class Similarity:
     """Base class of a `C x C` class similarity stored in compact form.
 
-    Subclasses implement `rows` (the similarity rows of a batch of labels, with
-    `keras.ops`, traceable under XLA) and `numpy_rows` (the same in NumPy,
-    outside the graph), plus `get_config`. Losses and metrics call
+    Subclasses implement `_compute_rows` (the similarity rows of a batch of
+    labels, with `keras.ops`, traceable under XLA) and `numpy_rows` (the same
+    in NumPy, outside the graph), plus `get_config`. Losses and metrics call
     `log_weighted_sum_exp`, `weighted_sum` and `pairs`; a subclass with a
     cheaper form (such as sparse neighbour lists) overrides them.
 
@@ -158,17 +158,47 @@ class Similarity:
 
     num_classes = None
 
+    # Up to this many classes, rows are gathered from a dense table built
+    # once (C^2 floats, at most 4 MiB) rather than computed for every batch:
+    # a gather is the cheapest row there is. Larger label spaces compute the
+    # rows of the batch's labels on the fly and never hold C x C.
+    dense_table_max_classes = 1024
+
+    def _use_dense_table(self):
+        return self.num_classes <= self.dense_table_max_classes
+
+    def _dense_tables(self):
+        """`(S, log S)` as float32 NumPy arrays, built on first use."""
+        tables = getattr(self, "_tables", None)
+        if tables is None:
+            matrix = np.asarray(self, dtype=np.float32)
+            with np.errstate(divide="ignore"):
+                tables = (matrix, np.log(matrix))  # log 0 = -inf, on purpose
+            self._tables = tables
+        return tables
+
     def rows(self, labels):
         """Rows `S[labels]` as a `float32` tensor of shape `(batch, C)`."""
+        if self._use_dense_table():
+            return ops.take(ops.convert_to_tensor(self._dense_tables()[0]), labels, axis=0)
+        return self._compute_rows(labels)
+
+    def log_rows(self, labels):
+        """`log(S[labels])`, `-inf` where the similarity is 0."""
+        if self._use_dense_table():
+            return ops.take(ops.convert_to_tensor(self._dense_tables()[1]), labels, axis=0)
+        return self._compute_log_rows(labels)
+
+    def _compute_rows(self, labels):
+        """Rows computed on the fly with `keras.ops`, without a C x C table."""
         raise NotImplementedError
+
+    def _compute_log_rows(self, labels):
+        return ops.log(self._compute_rows(labels))
 
     def numpy_rows(self, classes):
         """Rows `S[classes]` as a `float32` NumPy array, computed eagerly."""
         raise NotImplementedError
-
-    def log_rows(self, labels):
-        """`log(S[labels])`, `-inf` where the similarity is 0."""
-        return ops.log(self.rows(labels))
 
     def log_weighted_sum_exp(self, labels, logits):
         """`log(sum_c S[y, c] * exp(z_c))` for each example; shape `(batch,)`.
@@ -231,8 +261,8 @@ class MatrixSimilarity(Similarity):
         self.matrix = validate_matrix(matrix, name="matrix")
         self.num_classes = self.matrix.shape[0]
 
-    def rows(self, labels):
-        return ops.take(ops.convert_to_tensor(self.matrix), labels, axis=0)
+    def _use_dense_table(self):
+        return True  # it is one already
 
     def numpy_rows(self, classes):
         return self.matrix[np.asarray(classes)]
@@ -264,14 +294,14 @@ class OrdinalSimilarity(Similarity):
             "float32",
         )
 
-    def rows(self, labels):
+    def _compute_rows(self, labels):
         # 0 ** 0 == 1, so reduction_factor=0 gives the identity rows.
         return ops.power(
             ops.convert_to_tensor(self.reduction_factor, "float32"),
             self._distances(labels),
         )
 
-    def log_rows(self, labels):
+    def _compute_log_rows(self, labels):
         distances = self._distances(labels)
         if self.reduction_factor == 0.0:
             return ops.where(distances == 0, 0.0, float("-inf"))
@@ -354,7 +384,7 @@ class EmbeddingSimilarity(Similarity):
         )
         return ops.where(same_class, 1.0, similarity)
 
-    def rows(self, labels):
+    def _compute_rows(self, labels):
         vectors = ops.convert_to_tensor(self.vectors)
         inverse_norms = ops.convert_to_tensor(self._inverse_norms)
         # (b, d) x (d, C): the only O(b C d) work; no C x C matrix is formed.
@@ -438,7 +468,7 @@ class HierarchySimilarity(Similarity):
         self.similarities = values
         self.num_classes = levels.shape[1]
 
-    def rows(self, labels):
+    def _compute_rows(self, labels):
         result = None
         for level, value in zip(self.ancestors, self.similarities):
             ancestor_of = ops.convert_to_tensor(level.astype(np.int32))
@@ -565,7 +595,10 @@ class SparseSimilarity(Similarity):
         values = ops.take(ops.convert_to_tensor(self.values), labels, axis=0)
         return indices, values
 
-    def rows(self, labels):
+    def _use_dense_table(self):
+        return False  # the neighbour lists are cheaper than any row
+
+    def _compute_rows(self, labels):
         indices, values = self._neighbours(labels)
         spread = ops.one_hot(indices, self.num_classes) * ops.expand_dims(values, -1)
         return ops.maximum(

@@ -92,12 +92,14 @@ def test_label_formats_agree(label_format, from_logits):
 
 @pytest.mark.parametrize(
     "sim_case",
-    ["embeddings", "hierarchy", "matrix", "sparse"],
+    ["ordinal", "embeddings", "hierarchy", "matrix", "sparse"],
 )
 @pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probs"])
-def test_every_similarity_kind_matches_numpy(sim_case, from_logits):
+@pytest.mark.parametrize("on_the_fly", [False, True], ids=["table", "on-the-fly"])
+def test_every_similarity_kind_matches_numpy(sim_case, from_logits, on_the_fly):
     rng = np.random.default_rng(7)
     sim = {
+        "ordinal": similarity.ordinal(12, 0.8),
         "embeddings": similarity.from_embeddings(rng.normal(size=(12, 4)), 0.2),
         "hierarchy": similarity.from_hierarchy(np.arange(12) // 3, 0.5),
         "matrix": similarity.lower_bound(
@@ -105,6 +107,8 @@ def test_every_similarity_kind_matches_numpy(sim_case, from_logits):
         ),
         "sparse": similarity.top_k(similarity.ordinal(12, 0.6), k=3),
     }[sim_case]
+    if on_the_fly:
+        sim.dense_table_max_classes = 0  # as for a label space too large for a table
     logits = rng.normal(scale=2.0, size=(20, 12)).astype(np.float32)
     labels = rng.integers(0, 12, size=20)
     expected = numpy_sim_loss(labels, softmax(logits), np.asarray(sim))
