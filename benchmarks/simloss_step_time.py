@@ -5,10 +5,12 @@ with `SparseCategoricalCrossentropy(from_logits=True)` and with `SimLoss`
 over several kinds of class similarity, XLA on (`jit_compile=True`). Step
 times are measured side by side in one process: the variants take turns,
 round after round, and each reports the median over rounds of its mean step
-time, so machine noise hits all of them alike. Peak memory is measured in one
-child process per variant (peak resident set size after compiling and
-training, read from /proc, so Linux only), and reported as the difference to the cross-entropy child, next
-to the similarity's own storage.
+time, so machine noise hits all of them alike. Memory is measured in one
+child process per variant, as peak resident set size read from /proc (Linux
+only): "peak" over the whole run (XLA compilation included) and "steady"
+over the training steps after compilation (the peak is reset in between),
+each also as the difference ("extra") to the cross-entropy child, next to the
+similarity's own storage (what its config holds).
 
 Issue 2 setting (the default):
 
@@ -127,13 +129,22 @@ def peak_resident_bytes():
     raise RuntimeError("VmHWM not found in /proc/self/status (Linux only)")
 
 
+def reset_peak():
+    """Resets VmHWM to the current RSS (Linux >= 4.0: clear_refs value 5)."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
 def child(variant, num_classes, args):
-    """Peak RSS of one compiled variant after training, printed as JSON."""
+    """Peak RSS of one variant, over the whole run and in steady training."""
     model, storage = compiled(variant, num_classes, args)
     x, y = make_batch(num_classes, args)
+    time_steps(model, x, y, 2)
+    peak_bytes = peak_resident_bytes()  # compiling included
+    reset_peak()
     time_steps(model, x, y, args.steps)
-    peak_bytes = peak_resident_bytes()
-    print(json.dumps({"peak_bytes": peak_bytes, "storage": storage}))
+    steady_bytes = peak_resident_bytes()  # training steps only
+    print(json.dumps({"peak_bytes": peak_bytes, "steady_bytes": steady_bytes, "storage": storage}))
 
 
 def peak_memory(variant, num_classes, args):
@@ -182,7 +193,9 @@ def main(argv=None):
     )
     header = f"{'C':>8} {'loss':<22}{'step ms':>9}{'ratio':>8}"
     if not args.no_memory:
-        header += f"{'peak RSS MiB':>14}{'extra MiB':>11}{'storage MiB':>13}"
+        header += (
+            f"{'peak MiB':>10}{'extra':>8}{'steady MiB':>12}{'extra':>8}{'storage MiB':>13}"
+        )
     print(header)
     for num_classes in args.classes:
         variants = ["scce"] + [
@@ -217,11 +230,12 @@ def main(argv=None):
                 f"{median[variant] / median['scce']:>8.3f}"
             )
             if memory:
-                peak = memory[variant]["peak_bytes"]
-                extra = peak - memory["scce"]["peak_bytes"]
+                mib = {key: value / 2**20 for key, value in memory[variant].items()}
+                base = {key: value / 2**20 for key, value in memory["scce"].items()}
                 line += (
-                    f"{peak / 2**20:>14.0f}{extra / 2**20:>11.1f}"
-                    f"{memory[variant]['storage'] / 2**20:>13.2f}"
+                    f"{mib['peak_bytes']:>10.0f}{mib['peak_bytes'] - base['peak_bytes']:>8.1f}"
+                    f"{mib['steady_bytes']:>12.0f}"
+                    f"{mib['steady_bytes'] - base['steady_bytes']:>8.1f}{mib['storage']:>13.2f}"
                 )
             print(line, flush=True)
 

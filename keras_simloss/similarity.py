@@ -167,6 +167,27 @@ class Similarity:
     def _use_dense_table(self):
         return self.num_classes <= self.dense_table_max_classes
 
+    def _tensor(self, key, make_array):
+        """The array `make_array()` as a tensor, made once and reused.
+
+        With TensorFlow it is held in a non-trainable `tf.Variable`, created
+        outside any traced function (`tf.init_scope`). A traced or XLA
+        function then reads it as an input, instead of embedding a copy of
+        the table as a constant in the graph and in every compiled program,
+        which for a 100,000-class embedding table cost several copies of it.
+        """
+        cache = self.__dict__.setdefault("_tensors", {})
+        if key not in cache:
+            array = make_array()
+            if keras.config.backend() == "tensorflow":
+                import tensorflow as tf
+
+                with tf.init_scope():
+                    cache[key] = tf.Variable(array, trainable=False, name=key)
+            else:
+                cache[key] = ops.convert_to_tensor(array)
+        return ops.convert_to_tensor(cache[key])
+
     def _dense_tables(self):
         """`(S, log S)` as float32 NumPy arrays, built on first use."""
         tables = getattr(self, "_tables", None)
@@ -180,13 +201,15 @@ class Similarity:
     def rows(self, labels):
         """Rows `S[labels]` as a `float32` tensor of shape `(batch, C)`."""
         if self._use_dense_table():
-            return ops.take(ops.convert_to_tensor(self._dense_tables()[0]), labels, axis=0)
+            table = self._tensor("similarity_table", lambda: self._dense_tables()[0])
+            return ops.take(table, labels, axis=0)
         return self._compute_rows(labels)
 
     def log_rows(self, labels):
         """`log(S[labels])`, `-inf` where the similarity is 0."""
         if self._use_dense_table():
-            return ops.take(ops.convert_to_tensor(self._dense_tables()[1]), labels, axis=0)
+            table = self._tensor("log_similarity_table", lambda: self._dense_tables()[1])
+            return ops.take(table, labels, axis=0)
         return self._compute_log_rows(labels)
 
     def _compute_rows(self, labels):
@@ -385,8 +408,8 @@ class EmbeddingSimilarity(Similarity):
         return ops.where(same_class, 1.0, similarity)
 
     def _compute_rows(self, labels):
-        vectors = ops.convert_to_tensor(self.vectors)
-        inverse_norms = ops.convert_to_tensor(self._inverse_norms)
+        vectors = self._tensor("vectors", lambda: self.vectors)
+        inverse_norms = self._tensor("inverse_norms", lambda: self._inverse_norms)
         # (b, d) x (d, C): the only O(b C d) work; no C x C matrix is formed.
         dots = ops.matmul(ops.take(vectors, labels, axis=0), ops.transpose(vectors))
         cosine = (
@@ -399,8 +422,8 @@ class EmbeddingSimilarity(Similarity):
 
     def pairs(self, labels, classes):
         # Two vectors per example instead of a whole row.
-        vectors = ops.convert_to_tensor(self.vectors)
-        inverse_norms = ops.convert_to_tensor(self._inverse_norms)
+        vectors = self._tensor("vectors", lambda: self.vectors)
+        inverse_norms = self._tensor("inverse_norms", lambda: self._inverse_norms)
         dots = ops.sum(
             ops.take(vectors, labels, axis=0) * ops.take(vectors, classes, axis=0),
             axis=-1,
@@ -470,8 +493,8 @@ class HierarchySimilarity(Similarity):
 
     def _compute_rows(self, labels):
         result = None
-        for level, value in zip(self.ancestors, self.similarities):
-            ancestor_of = ops.convert_to_tensor(level.astype(np.int32))
+        for index, (level, value) in enumerate(zip(self.ancestors, self.similarities)):
+            ancestor_of = self._tensor(f"ancestors_{index}", lambda level=level: level.astype(np.int32))
             same = ops.expand_dims(ops.take(ancestor_of, labels), -1) == (
                 ops.expand_dims(ancestor_of, 0)
             )
@@ -484,8 +507,8 @@ class HierarchySimilarity(Similarity):
 
     def pairs(self, labels, classes):
         result = ops.zeros(ops.shape(labels), "float32")
-        for level, value in zip(self.ancestors, self.similarities):
-            ancestor_of = ops.convert_to_tensor(level.astype(np.int32))
+        for index, (level, value) in enumerate(zip(self.ancestors, self.similarities)):
+            ancestor_of = self._tensor(f"ancestors_{index}", lambda level=level: level.astype(np.int32))
             same = ops.take(ancestor_of, labels) == ops.take(ancestor_of, classes)
             result = ops.maximum(result, ops.where(same, float(value), 0.0))
         return ops.where(labels == classes, 1.0, result)
@@ -591,8 +614,8 @@ class SparseSimilarity(Similarity):
         self.num_classes = num_classes
 
     def _neighbours(self, labels):
-        indices = ops.take(ops.convert_to_tensor(self.indices), labels, axis=0)
-        values = ops.take(ops.convert_to_tensor(self.values), labels, axis=0)
+        indices = ops.take(self._tensor("indices", lambda: self.indices), labels, axis=0)
+        values = ops.take(self._tensor("values", lambda: self.values), labels, axis=0)
         return indices, values
 
     def _use_dense_table(self):
