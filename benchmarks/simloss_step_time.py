@@ -144,7 +144,11 @@ def child(variant, num_classes, args):
     reset_peak()
     time_steps(model, x, y, args.steps)
     steady_bytes = peak_resident_bytes()  # training steps only
-    print(json.dumps({"peak_bytes": peak_bytes, "steady_bytes": steady_bytes, "storage": storage}))
+    print(
+        json.dumps(
+            {"peak_bytes": peak_bytes, "steady_bytes": steady_bytes, "storage": storage}
+        )
+    )
 
 
 def peak_memory(variant, num_classes, args):
@@ -193,9 +197,7 @@ def main(argv=None):
     )
     header = f"{'C':>8} {'loss':<22}{'step ms':>9}{'ratio':>8}"
     if not args.no_memory:
-        header += (
-            f"{'peak MiB':>10}{'extra':>8}{'steady MiB':>12}{'extra':>8}{'storage MiB':>13}"
-        )
+        header += f"{'peak MiB':>10}{'extra':>8}{'steady MiB':>12}{'extra':>8}{'storage MiB':>13}"
     print(header)
     for num_classes in args.classes:
         variants = ["scce"] + [

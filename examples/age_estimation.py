@@ -75,7 +75,9 @@ def load_data(args):
         mean, std = x[train].mean(), x[train].std()
         x = (x - mean) / std
         splits = {
-            "train": _in_memory(x[train], labels[train], args.batch_size, shuffle_seed=0),
+            "train": _in_memory(
+                x[train], labels[train], args.batch_size, shuffle_seed=0
+            ),
             "val": _in_memory(x[val], labels[val], args.batch_size),
             "test": _in_memory(x[test], labels[test], args.batch_size),
         }
@@ -86,11 +88,15 @@ def load_data(args):
         args.data_dir
     )
     if files.skipped:
-        print(f"Skipped {len(files.skipped)} file(s) without a usable age, e.g. {files.skipped[0]!r}")
+        print(
+            f"Skipped {len(files.skipped)} file(s) without a usable age, e.g. {files.skipped[0]!r}"
+        )
     labels = files.labels()
     num_classes = int(files.ages.max()) - files.min_age + 1
     if num_classes < 2:
-        raise ValueError(f"Found a single age ({files.min_age}) in {args.data_dir!r}; need at least two.")
+        raise ValueError(
+            f"Found a single age ({files.min_age}) in {args.data_dir!r}; need at least two."
+        )
     train, val, test = faces.split_indices(len(labels), seed=args.split_seed)
     paths = np.asarray(files.paths)
     mean, std = faces.channel_statistics(list(paths[train]), args.image_size)
@@ -106,7 +112,9 @@ def load_data(args):
         )
         for name, index in (("train", train), ("val", val), ("test", test))
     }
-    class_values = np.arange(files.min_age, files.min_age + num_classes, dtype=np.float32)
+    class_values = np.arange(
+        files.min_age, files.min_age + num_classes, dtype=np.float32
+    )
     description = f"{args.dataset} ({len(labels)} images, ages {files.min_age}-{int(files.ages.max())})"
     return splits, labels[test], class_values, 3, description
 
@@ -135,9 +143,14 @@ def run_once(splits, class_values, channels, reduction_factor, seed, args):
         validation_data=splits["val"],
         epochs=args.epochs,
         callbacks=[stopper],
+        shuffle=False,  # the tf.data pipeline shuffles the training split itself
         verbose=2 if args.verbose else 0,
     )
-    record = {"reduction_factor": reduction_factor, "seed": seed, "epochs": len(history.history["loss"])}
+    record = {
+        "reduction_factor": reduction_factor,
+        "seed": seed,
+        "epochs": len(history.history["loss"]),
+    }
     for split in ("val", "test"):
         result = model.evaluate(splits[split], verbose=0, return_dict=True)
         for metric in ("accuracy", "mae", "mse"):
@@ -173,20 +186,32 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n", 2)[2],
     )
-    parser.add_argument("--dataset", choices=["synthetic", "utkface", "afad"], default="synthetic")
+    parser.add_argument(
+        "--dataset", choices=["synthetic", "utkface", "afad"], default="synthetic"
+    )
     parser.add_argument("--data-dir", help="folder of the real data set")
     parser.add_argument("--grid", type=float, nargs="+", default=[0.0, 0.3, 0.6])
     parser.add_argument("--runs", type=int, default=2, help="seeded runs per r")
     parser.add_argument("--epochs", type=int, default=12, help="maximum epochs per run")
-    parser.add_argument("--patience", type=int, default=4, help="early stopping on val MAE")
+    parser.add_argument(
+        "--patience", type=int, default=4, help="early stopping on val MAE"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--image-size", type=int, default=60)
     parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--num-classes", type=int, default=30, help="synthetic data only")
-    parser.add_argument("--synthetic-size", type=int, default=3000, help="synthetic images")
-    parser.add_argument("--output-dir", default=os.path.join("outputs", "age_estimation"))
-    parser.add_argument("--verbose", action="store_true", help="Keras progress per epoch")
+    parser.add_argument(
+        "--num-classes", type=int, default=30, help="synthetic data only"
+    )
+    parser.add_argument(
+        "--synthetic-size", type=int, default=3000, help="synthetic images"
+    )
+    parser.add_argument(
+        "--output-dir", default=os.path.join("outputs", "age_estimation")
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="Keras progress per epoch"
+    )
     args = parser.parse_args(argv)
     if args.dataset != "synthetic" and not args.data_dir:
         parser.error(f"--dataset {args.dataset} needs --data-dir")
@@ -204,7 +229,9 @@ def main(argv=None):
         splits, test_labels, class_values, channels, description = load_data(args)
     except (ValueError, OSError) as error:
         parser.error(str(error))
-    print(f"Data: {description}; {len(class_values)} classes; grid r = {args.grid}; {args.runs} run(s) each")
+    print(
+        f"Data: {description}; {len(class_values)} classes; grid r = {args.grid}; {args.runs} run(s) each"
+    )
 
     records, distributions = [], {}
     for reduction_factor in args.grid:
@@ -224,7 +251,9 @@ def main(argv=None):
             )
         distributions[reduction_factor] = np.mean(runs, axis=0)
 
-    metrics = [f"{split}_{m}" for split in ("val", "test") for m in ("accuracy", "mae", "mse")]
+    metrics = [
+        f"{split}_{m}" for split in ("val", "test") for m in ("accuracy", "mae", "mse")
+    ]
     rows = experiment_utils.summarize(records, "reduction_factor", metrics)
     columns = [
         ("val_accuracy", "val Acc %", 100, 2),
@@ -235,9 +264,15 @@ def main(argv=None):
         ("test_mse", "test MSE", 1, 2),
     ]
     baseline = args.grid[0]
-    p_values = experiment_utils.wilcoxon_p_values(records, "reduction_factor", baseline, "test_mae")
+    p_values = experiment_utils.wilcoxon_p_values(
+        records, "reduction_factor", baseline, "test_mae"
+    )
     table = experiment_utils.format_table(
-        rows, "reduction_factor", columns, p_values, p_label=f"p (test MAE vs r={baseline})"
+        rows,
+        "reduction_factor",
+        columns,
+        p_values,
+        p_label=f"p (test MAE vs r={baseline})",
     )
     print(f"\n{description}\n{table}")
     if p_values is None:
@@ -262,7 +297,9 @@ def main(argv=None):
             "dataset": description,
             "summary": rows,
             "wilcoxon_test_mae": p_values,
-            "mean_predicted_distribution": {str(r): d.tolist() for r, d in distributions.items()},
+            "mean_predicted_distribution": {
+                str(r): d.tolist() for r, d in distributions.items()
+            },
         },
     )
     print(f"Results in {args.output_dir}" + (f" (plot: {plot})" if plot else ""))

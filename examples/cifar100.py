@@ -70,43 +70,57 @@ def per_class_split(labels, first, second, seed=0):
 
 def load_cifar100(args):
     """The paper's 96-class CIFAR-100 as NumPy arrays, via TensorFlow Datasets."""
-    import tensorflow_datasets as tfds
-
     arrays = {}
     for split in ("train", "test"):
-        data = tfds.as_numpy(
-            tfds.load("cifar100", split=split, batch_size=-1, data_dir=args.data_dir)
-        )
+        data = experiment_utils.load_tfds_arrays("cifar100", split, args.data_dir)
         keep = cifar100.to_paper_labels(data["label"])
         mask = keep >= 0
         arrays[split] = (data["image"][mask].astype(np.float32), keep[mask])
     x, y = arrays["train"]
-    train, val = per_class_split(y, args.train_per_class, args.val_per_class, seed=args.split_seed)
-    return {
-        "train": (x[train], y[train]),
-        "val": (x[val], y[val]),
-        "test": arrays["test"],
-    }, cifar100.PAPER_LABEL_NAMES, np.asarray(cifar100.PAPER_FINE_TO_COARSE)
+    train, val = per_class_split(
+        y, args.train_per_class, args.val_per_class, seed=args.split_seed
+    )
+    return (
+        {
+            "train": (x[train], y[train]),
+            "val": (x[val], y[val]),
+            "test": arrays["test"],
+        },
+        cifar100.PAPER_LABEL_NAMES,
+        np.asarray(cifar100.PAPER_FINE_TO_COARSE),
+    )
 
 
 def load_synthetic(args):
     x, y, superclass_of = synthetic.hierarchical_images(
-        args.synthetic_size, num_superclasses=5, classes_per_superclass=4, seed=12345
+        args.synthetic_size,
+        num_superclasses=5,
+        classes_per_superclass=4,
+        noise=args.synthetic_noise,
+        seed=12345,
     )
-    train, rest = per_class_split(y, int(0.6 * args.synthetic_size / 20), args.synthetic_size)
+    train, rest = per_class_split(
+        y, int(0.6 * args.synthetic_size / 20), args.synthetic_size
+    )
     half = len(rest) // 2
     names = tuple(f"class_{i}" for i in range(len(superclass_of)))
-    return {
-        "train": (x[train], y[train]),
-        "val": (x[rest[:half]], y[rest[:half]]),
-        "test": (x[rest[half:]], y[rest[half:]]),
-    }, names, superclass_of
+    return (
+        {
+            "train": (x[train], y[train]),
+            "val": (x[rest[:half]], y[rest[:half]]),
+            "test": (x[rest[half:]], y[rest[half:]]),
+        },
+        names,
+        superclass_of,
+    )
 
 
 def base_similarity(args, names, superclass_of):
     """Similarities in [0, 1] before the lower bound: word vectors or hierarchy."""
     if args.vectors_file:
-        found = load_word_vectors(args.vectors_file, names, combine_words=args.combine_words)
+        found = load_word_vectors(
+            args.vectors_file, names, combine_words=args.combine_words
+        )
         if found.missing:
             raise ValueError(
                 f"{len(found.missing)} of {len(names)} class names have no vector in "
@@ -115,8 +129,12 @@ def base_similarity(args, names, superclass_of):
                 "dropped such classes; use a file that covers these names, or "
                 "--combine-words to average the words of multi-word names."
             )
-        return "word vectors", lambda bound: similarity.from_embeddings(found.vectors, bound)
-    matrix = np.asarray(similarity.from_hierarchy(superclass_of, args.superclass_similarity))
+        return "word vectors", lambda bound: similarity.from_embeddings(
+            found.vectors, bound
+        )
+    matrix = np.asarray(
+        similarity.from_hierarchy(superclass_of, args.superclass_similarity)
+    )
     return (
         f"superclass hierarchy (similarity {args.superclass_similarity})",
         lambda bound: similarity.lower_bound(matrix, bound),
@@ -139,7 +157,10 @@ def run_once(data, superclass_of, make_similarity, bound, seed, args):
         jit_compile=True,
     )
     stopper = keras.callbacks.EarlyStopping(
-        monitor="val_accuracy", mode="max", patience=args.patience, restore_best_weights=True
+        monitor="val_accuracy",
+        mode="max",
+        patience=args.patience,
+        restore_best_weights=True,
     )
     history = model.fit(
         x_train,
@@ -150,9 +171,15 @@ def run_once(data, superclass_of, make_similarity, bound, seed, args):
         callbacks=[stopper],
         verbose=2 if args.verbose else 0,
     )
-    record = {"lower_bound": bound, "seed": seed, "epochs": len(history.history["loss"])}
+    record = {
+        "lower_bound": bound,
+        "seed": seed,
+        "epochs": len(history.history["loss"]),
+    }
     for split, (x, y) in (("val", validation), ("test", test)):
-        result = model.evaluate(x, y, batch_size=args.batch_size, verbose=0, return_dict=True)
+        result = model.evaluate(
+            x, y, batch_size=args.batch_size, verbose=0, return_dict=True
+        )
         for metric in ("accuracy", "sa", "fsa"):
             record[f"{split}_{metric}"] = float(result[metric])
     return record
@@ -165,13 +192,19 @@ def plot_metrics(path, rows):
         return None
     bounds = [row["lower_bound"] for row in rows]
     figure, axis = plt.subplots(figsize=(7, 4))
-    for metric, label in (("test_accuracy", "Accuracy"), ("test_sa", "SA"), ("test_fsa", "FSA")):
+    for metric, label in (
+        ("test_accuracy", "Accuracy"),
+        ("test_sa", "SA"),
+        ("test_fsa", "FSA"),
+    ):
         means = np.array([row[f"{metric}_mean"] for row in rows]) * 100
         stds = np.array([row[f"{metric}_std"] for row in rows]) * 100
         axis.errorbar(bounds, means, yerr=stds, marker="o", capsize=3, label=label)
     axis.set_xlabel("lower bound l")
     axis.set_ylabel("test %")
-    axis.set_title("SimLoss on CIFAR-100-style data: accuracy, SA and FSA per lower bound")
+    axis.set_title(
+        "SimLoss on CIFAR-100-style data: accuracy, SA and FSA per lower bound"
+    )
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -185,21 +218,33 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n", 2)[2],
     )
-    parser.add_argument("--dataset", choices=["synthetic", "cifar100"], default="synthetic")
-    parser.add_argument("--data-dir", help="TensorFlow Datasets folder (default: TFDS's)")
+    parser.add_argument(
+        "--dataset", choices=["synthetic", "cifar100"], default="synthetic"
+    )
+    parser.add_argument(
+        "--data-dir", help="TensorFlow Datasets folder (default: TFDS's)"
+    )
     parser.add_argument("--vectors-file", help="word2vec/GloVe file of the class names")
     parser.add_argument("--combine-words", action="store_true")
-    parser.add_argument("--superclass-similarity", type=float, default=0.5)
-    parser.add_argument("--grid", type=float, nargs="+", default=[0.99, 0.5, 0.0])
-    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--superclass-similarity", type=float, default=0.3)
+    parser.add_argument("--grid", type=float, nargs="+", default=[0.99, 0.2, 0.0])
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--patience", type=int, default=5, help="early stopping on val accuracy")
+    parser.add_argument(
+        "--patience", type=int, default=5, help="early stopping on val accuracy"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--train-per-class", type=int, default=450)
     parser.add_argument("--val-per-class", type=int, default=50)
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--synthetic-size", type=int, default=4000)
+    parser.add_argument(
+        "--synthetic-noise",
+        type=float,
+        default=2.5,
+        help="pixel noise of the generated data",
+    )
     parser.add_argument("--output-dir", default=os.path.join("outputs", "cifar100"))
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -242,7 +287,9 @@ def main(argv=None):
                 flush=True,
             )
 
-    metrics = [f"{split}_{m}" for split in ("val", "test") for m in ("accuracy", "sa", "fsa")]
+    metrics = [
+        f"{split}_{m}" for split in ("val", "test") for m in ("accuracy", "sa", "fsa")
+    ]
     rows = experiment_utils.summarize(records, "lower_bound", metrics)
     columns = [
         ("test_accuracy", "test Acc %", 100, 2),
@@ -251,7 +298,9 @@ def main(argv=None):
         ("val_accuracy", "val Acc %", 100, 2),
     ]
     baseline = args.grid[0]
-    p_values = experiment_utils.wilcoxon_p_values(records, "lower_bound", baseline, "test_accuracy")
+    p_values = experiment_utils.wilcoxon_p_values(
+        records, "lower_bound", baseline, "test_accuracy"
+    )
     table = experiment_utils.format_table(
         rows, "lower_bound", columns, p_values, p_label=f"p (test Acc vs l={baseline})"
     )
@@ -264,7 +313,11 @@ def main(argv=None):
         args.output_dir,
         records,
         table,
-        extra={"similarity": source, "summary": rows, "wilcoxon_test_accuracy": p_values},
+        extra={
+            "similarity": source,
+            "summary": rows,
+            "wilcoxon_test_accuracy": p_values,
+        },
     )
     print(f"Results in {args.output_dir}" + (f" (plot: {plot})" if plot else ""))
     return {"records": records, "summary": rows, "table": table}

@@ -113,3 +113,23 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def load_tfds_arrays(name, split, data_dir=None, chunk=4096):
+    """A whole TFDS split as a dict of NumPy arrays ("image", "label", ...).
+
+    Reads in chunks rather than with `batch_size=-1`, which keeps the peak
+    memory of one copy of the split and works with `tfds.testing.mock_data`.
+    """
+    import tensorflow_datasets as tfds
+
+    parts = {}
+    dataset = tfds.load(name, split=split, data_dir=data_dir).batch(chunk)
+    for batch in tfds.as_numpy(dataset):
+        for key, value in batch.items():
+            parts.setdefault(key, []).append(value)
+    if not parts:
+        raise ValueError(
+            f"The {name!r} split {split!r} in {data_dir!r} holds no examples."
+        )
+    return {key: np.concatenate(values) for key, values in parts.items()}

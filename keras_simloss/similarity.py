@@ -208,7 +208,9 @@ class Similarity:
     def log_rows(self, labels):
         """`log(S[labels])`, `-inf` where the similarity is 0."""
         if self._use_dense_table():
-            table = self._tensor("log_similarity_table", lambda: self._dense_tables()[1])
+            table = self._tensor(
+                "log_similarity_table", lambda: self._dense_tables()[1]
+            )
             return ops.take(table, labels, axis=0)
         return self._compute_log_rows(labels)
 
@@ -494,7 +496,9 @@ class HierarchySimilarity(Similarity):
     def _compute_rows(self, labels):
         result = None
         for index, (level, value) in enumerate(zip(self.ancestors, self.similarities)):
-            ancestor_of = self._tensor(f"ancestors_{index}", lambda level=level: level.astype(np.int32))
+            ancestor_of = self._tensor(
+                f"ancestors_{index}", lambda level=level: level.astype(np.int32)
+            )
             same = ops.expand_dims(ops.take(ancestor_of, labels), -1) == (
                 ops.expand_dims(ancestor_of, 0)
             )
@@ -508,7 +512,9 @@ class HierarchySimilarity(Similarity):
     def pairs(self, labels, classes):
         result = ops.zeros(ops.shape(labels), "float32")
         for index, (level, value) in enumerate(zip(self.ancestors, self.similarities)):
-            ancestor_of = self._tensor(f"ancestors_{index}", lambda level=level: level.astype(np.int32))
+            ancestor_of = self._tensor(
+                f"ancestors_{index}", lambda level=level: level.astype(np.int32)
+            )
             same = ops.take(ancestor_of, labels) == ops.take(ancestor_of, classes)
             result = ops.maximum(result, ops.where(same, float(value), 0.0))
         return ops.where(labels == classes, 1.0, result)
@@ -614,7 +620,9 @@ class SparseSimilarity(Similarity):
         self.num_classes = num_classes
 
     def _neighbours(self, labels):
-        indices = ops.take(self._tensor("indices", lambda: self.indices), labels, axis=0)
+        indices = ops.take(
+            self._tensor("indices", lambda: self.indices), labels, axis=0
+        )
         values = ops.take(self._tensor("values", lambda: self.values), labels, axis=0)
         return indices, values
 

@@ -8,18 +8,24 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+EXAMPLES = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"
+)
 
 
 def load_example(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(EXAMPLES, f"{name}.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def write_jpeg(path, seed):
-    image = np.random.default_rng(seed).integers(0, 255, size=(24, 20, 3), dtype=np.uint8)
+    image = np.random.default_rng(seed).integers(
+        0, 255, size=(24, 20, 3), dtype=np.uint8
+    )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tf.io.write_file(path, tf.io.encode_jpeg(image))
 
@@ -36,7 +42,10 @@ def test_age_estimation_on_utkface_layout(tmp_path, capsys):
     data_dir = tmp_path / "UTKFace"
     for index in range(18):
         age = 20 + index % 6
-        write_jpeg(str(data_dir / f"{age}_{index % 2}_0_20170109{index:06d}.jpg.chip.jpg"), index)
+        write_jpeg(
+            str(data_dir / f"{age}_{index % 2}_0_20170109{index:06d}.jpg.chip.jpg"),
+            index,
+        )
     write_jpeg(str(data_dir / "not_an_age.jpg"), 99)
     out = tmp_path / "out"
     result = load_example("age_estimation").main(
@@ -55,7 +64,15 @@ def test_age_estimation_on_utkface_layout(tmp_path, capsys):
 def test_age_estimation_on_afad_layout(tmp_path):
     data_dir = tmp_path / "AFAD"
     for index in range(12):
-        write_jpeg(str(data_dir / str(15 + index % 3) / ("111" if index % 2 else "112") / f"{index}.jpg"), index)
+        write_jpeg(
+            str(
+                data_dir
+                / str(15 + index % 3)
+                / ("111" if index % 2 else "112")
+                / f"{index}.jpg"
+            ),
+            index,
+        )
     out = tmp_path / "out"
     result = load_example("age_estimation").main(
         ["--dataset", "afad", "--data-dir", str(data_dir), "--grid", "0.3",
@@ -83,7 +100,9 @@ def test_age_estimation_on_generated_data(tmp_path):
         ("missing", "not a folder"),
     ],
 )
-def test_age_estimation_bad_folders_get_a_clear_message(tmp_path, capsys, layout, message):
+def test_age_estimation_bad_folders_get_a_clear_message(
+    tmp_path, capsys, layout, message
+):
     data_dir = tmp_path / "data"
     if layout != "missing":
         data_dir.mkdir()
@@ -102,7 +121,9 @@ def _write_vectors(path, names, dim=6):
     with open(path, "w") as handle:
         handle.write(f"{len(names)} {dim}\n")
         for name in names:
-            handle.write(name + " " + " ".join(f"{v:.4f}" for v in rng.normal(size=dim)) + "\n")
+            handle.write(
+                name + " " + " ".join(f"{v:.4f}" for v in rng.normal(size=dim)) + "\n"
+            )
 
 
 def test_cifar100_with_mock_tfds_and_word_vectors(tmp_path):
@@ -127,7 +148,15 @@ def test_cifar100_with_mock_tfds_and_word_vectors(tmp_path):
 def test_cifar100_on_generated_data_with_hierarchy(tmp_path):
     out = tmp_path / "out"
     result = load_example("cifar100").main(
-        ["--synthetic-size", "400", "--grid", "0.0", "--output-dir", str(out), *SMALL_RUN]
+        [
+            "--synthetic-size",
+            "400",
+            "--grid",
+            "0.0",
+            "--output-dir",
+            str(out),
+            *SMALL_RUN,
+        ]
     )
     assert len(result["records"]) == 1
     _assert_outputs(out, "metrics.png")

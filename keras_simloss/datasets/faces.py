@@ -47,7 +47,9 @@ class AgeFiles:
 
     def labels(self, min_age=None):
         """Class indices: `age - min_age` (the youngest age is class 0)."""
-        return (self.ages - (self.min_age if min_age is None else min_age)).astype(np.int32)
+        return (self.ages - (self.min_age if min_age is None else min_age)).astype(
+            np.int32
+        )
 
 
 def _check_dir(data_dir, layout):
@@ -98,7 +100,15 @@ def utkface_files(data_dir, min_age=1, max_age=90):
             ages.append(int(field))
         else:
             skipped.append(name)
-    return _finish(paths, ages, skipped, data_dir, "UTKFace (age_gender_race_datetime.jpg)", min_age, max_age)
+    return _finish(
+        paths,
+        ages,
+        skipped,
+        data_dir,
+        "UTKFace (age_gender_race_datetime.jpg)",
+        min_age,
+        max_age,
+    )
 
 
 def afad_files(data_dir, min_age=15, max_age=75):
@@ -184,11 +194,15 @@ def image_dataset(
     import tensorflow as tf
 
     def load(path, label):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        image = tf.io.decode_image(
+            tf.io.read_file(path), channels=3, expand_animations=False
+        )
         image = tf.image.resize(image, (image_size, image_size))
         return image, label
 
-    dataset = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, np.int32)))
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (list(paths), np.asarray(labels, np.int32))
+    )
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE)
     if mean is not None:
         mean = tf.constant(mean, tf.float32)
@@ -197,13 +211,17 @@ def image_dataset(
     if cache:
         dataset = dataset.cache()
     if shuffle_seed is not None:
-        dataset = dataset.shuffle(4096, seed=shuffle_seed, reshuffle_each_iteration=True)
+        dataset = dataset.shuffle(
+            4096, seed=shuffle_seed, reshuffle_each_iteration=True
+        )
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def channel_statistics(paths, image_size=60, limit=2000):
     """Per-channel mean and standard deviation of (up to `limit`) images."""
-    dataset = image_dataset(paths[:limit], np.zeros(len(paths[:limit])), image_size, 256, cache=False)
+    dataset = image_dataset(
+        paths[:limit], np.zeros(len(paths[:limit])), image_size, 256, cache=False
+    )
     total = np.zeros(3)
     total_sq = np.zeros(3)
     count = 0
