@@ -20,7 +20,6 @@ minutes on 2 CPU cores. Real data:
     python examples/age_estimation.py --dataset afad --data-dir AFAD-Full/ ...
 """
 
-import argparse
 import os
 import sys
 import time
@@ -181,11 +180,7 @@ def plot_distributions(path, distributions, class_values, test_labels):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n", 2)[2],
-    )
+    parser = experiment_utils.argument_parser(__doc__)
     parser.add_argument(
         "--dataset", choices=["synthetic", "utkface", "afad"], default="synthetic"
     )

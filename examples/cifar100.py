@@ -13,7 +13,7 @@ Superclass Accuracy (SA) and Failed Superclass Accuracy (FSA).
 Outputs (in --output-dir): runs.csv, results.json, table.md, metrics.png.
 
 By default it runs on a generated image task with a class hierarchy (no
-download; about five minutes on 2 CPU cores). Real data through TensorFlow
+download; about two minutes on 2 CPU cores). Real data through TensorFlow
 Datasets:
 
     python examples/cifar100.py --dataset cifar100 \\
@@ -22,7 +22,6 @@ Datasets:
         --epochs 500 --patience 20 --batch-size 1024
 """
 
-import argparse
 import os
 import sys
 import time
@@ -213,11 +212,7 @@ def plot_metrics(path, rows):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n", 2)[2],
-    )
+    parser = experiment_utils.argument_parser(__doc__)
     parser.add_argument(
         "--dataset", choices=["synthetic", "cifar100"], default="synthetic"
     )

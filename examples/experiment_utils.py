@@ -5,6 +5,7 @@ are imported lazily; without them the examples still train and print their
 tables, and say what they skipped.
 """
 
+import argparse
 import csv
 import json
 import os
@@ -101,6 +102,15 @@ def save_results(output_dir, records, table, extra=None):
         json.dump({"runs": records, **(extra or {})}, handle, indent=2, default=float)
     with open(os.path.join(output_dir, "table.md"), "w") as handle:
         handle.write(table + "\n")
+
+
+def argument_parser(doc):
+    """An `argparse` parser whose help is an example's module docstring."""
+    return argparse.ArgumentParser(
+        description=doc.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc.split("\n", 2)[2],
+    )
 
 
 def pyplot():
