@@ -136,6 +136,22 @@ def optimizer(args, num_examples, epochs):
     return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True)
 
 
+def fit(model, loss, train, epochs, args):
+    """Compiles `model` (SGD with cosine decay, XLA) and fits it on `train`."""
+    model.compile(
+        optimizer=optimizer(args, len(train[1]), epochs),
+        loss=loss,
+        metrics=["accuracy"],
+        jit_compile=True,
+    )
+    model.fit(
+        *train,
+        batch_size=args.batch_size,
+        epochs=epochs,
+        verbose=2 if args.verbose else 0,
+    )
+
+
 def train_teacher(train, test, num_classes, args):
     keras.utils.set_random_seed(1000)
     teacher = wide_resnet(
@@ -145,17 +161,12 @@ def train_teacher(train, test, num_classes, args):
         train[0].shape[1:],
         "teacher",
     )
-    teacher.compile(
-        optimizer=optimizer(args, len(train[1]), args.teacher_epochs),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-        jit_compile=True,
-    )
-    teacher.fit(
-        *train,
-        batch_size=args.batch_size,
-        epochs=args.teacher_epochs,
-        verbose=2 if args.verbose else 0,
+    fit(
+        teacher,
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        train,
+        args.teacher_epochs,
+        args,
     )
     accuracy = teacher.evaluate(*test, batch_size=256, verbose=0, return_dict=True)[
         "accuracy"
@@ -185,18 +196,7 @@ def train_student(method, teacher, train, test, superclass_of, seed, args):
         )
     else:
         model = student
-    model.compile(
-        optimizer=optimizer(args, len(train[1]), args.epochs),
-        loss=student_loss(args, superclass_of),
-        metrics=["accuracy"],
-        jit_compile=True,
-    )
-    model.fit(
-        *train,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        verbose=2 if args.verbose else 0,
-    )
+    fit(model, student_loss(args, superclass_of), train, args.epochs, args)
     predictions = student.predict(test[0], batch_size=256, verbose=0).argmax(axis=-1)
     return float(np.mean(predictions != test[1]))
 

@@ -128,8 +128,9 @@ def pyplot():
 def load_tfds_arrays(name, split, data_dir=None, chunk=4096):
     """A whole TFDS split as a dict of NumPy arrays ("image", "label", ...).
 
-    Reads in chunks rather than with `batch_size=-1`, which keeps the peak
-    memory of one copy of the split and works with `tfds.testing.mock_data`.
+    Reads in chunks rather than with `batch_size=-1` (which aborts the
+    process under `tfds.testing.mock_data` with TensorFlow 2.21) and
+    concatenates them.
     """
     import tensorflow_datasets as tfds
 
