@@ -1,31 +1,96 @@
 """Private helpers shared by the losses, the metrics and the similarities."""
 
+import math
+
 import keras
 import numpy as np
 from keras import ops
+
+PACKAGE = "keras_simloss"
+"""The package name under which every public class is registered."""
+
+
+def register(cls):
+    """`keras.saving.register_keras_serializable` with this package's name."""
+    return keras.saving.register_keras_serializable(package=PACKAGE)(cls)
+
+
+def check_number(
+    name,
+    value,
+    low=None,
+    high=None,
+    low_inclusive=True,
+    high_inclusive=False,
+):
+    """Validates a finite real scalar argument; returns it as a Python float.
+
+    Python and NumPy ints and floats are accepted (booleans are not). The
+    bounds are optional; `low_inclusive` / `high_inclusive` say whether each
+    is allowed.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(
+            f"Invalid type for argument `{name}`. Expected a number. "
+            f"Received: {name}={value!r} of type {type(value).__name__}"
+        )
+    value = float(value)
+    ok = math.isfinite(value)
+    if low is not None:
+        ok = ok and (value >= low if low_inclusive else value > low)
+    if high is not None:
+        ok = ok and (value <= high if high_inclusive else value < high)
+    if not ok:
+        parts = []
+        if low is not None:
+            parts.append(f"{low} {'<=' if low_inclusive else '<'} ")
+        parts.append(name)
+        if high is not None:
+            parts.append(f" {'<=' if high_inclusive else '<'} {high}")
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected a finite number "
+            f"with {''.join(parts)}. Received: {name}={value}"
+        )
+    return value
 
 
 def concrete_value(x):
     """Returns `x` as a NumPy array when it holds concrete values, else `None`.
 
-    Inside a traced function (`tf.function`, XLA, `jax.jit`) tensors are
-    symbolic and their values are unknown; checks that need values (labels in
-    range, one-hot rows) can then only run in eager mode.
+    Inside a traced function (`tf.function`, XLA, `jax.jit`,
+    `torch.compile`) tensors are symbolic and their values are unknown;
+    checks that need values (labels in range, one-hot rows) can then only run
+    in eager mode.
     """
     if isinstance(x, np.ndarray):
         return x
-    if keras.config.backend() == "tensorflow":
+    backend = keras.config.backend()
+    if backend == "tensorflow":
         import tensorflow as tf
 
         if not tf.executing_eagerly() or not hasattr(x, "numpy"):
             return None
         return x.numpy()
-    if keras.config.backend() == "jax":
+    if backend == "jax":
         import jax
 
         if isinstance(x, jax.core.Tracer):
             return None
-    return ops.convert_to_numpy(x)
+    if backend == "torch":
+        import torch
+
+        if torch.compiler.is_compiling():
+            return None
+        if isinstance(x, torch.Tensor) and x.device.type == "meta":
+            return None
+    if isinstance(x, keras.KerasTensor):
+        return None
+    try:
+        return ops.convert_to_numpy(x)
+    except Exception:  # a symbolic tensor of another kind
+        return None
 
 
 def static_num_classes(y_pred, what="y_pred"):
@@ -39,53 +104,114 @@ def static_num_classes(y_pred, what="y_pred"):
     return num_classes
 
 
-def sparse_labels(y_true, num_classes):
-    """Integer labels of shape `(batch,)` from sparse or one-hot `y_true`.
+def _shapes_agree(a, b):
+    """Static shapes agree where both sizes are known."""
+    return len(a) == len(b) and all(
+        x is None or y is None or x == y for x, y in zip(a, b)
+    )
 
-    Accepted: integer (or integral float) labels of shape `(batch,)` or
-    `(batch, 1)`, and one-hot rows of shape `(batch, num_classes)`. One-hot
-    rows are turned into indices with `argmax`; in eager mode they are checked
-    to be exactly one-hot (soft labels are not supported and would otherwise be
-    silently rounded). In eager mode labels are checked to lie in
-    `[0, num_classes)`. Inside a traced (XLA) function no value check can run;
-    gathers then clamp out-of-range indices (XLA semantics), so bad labels give
-    wrong values instead of an error.
+
+def _label_kind(y_true_shape, y_pred_shape):
+    """`"sparse"`, `"sparse1"` (trailing 1) or `"one_hot"`, from static shapes.
+
+    Decided by rank, as Keras's sparse and categorical cross entropies do,
+    never by a coincidence of sizes: labels with one axis fewer than the
+    predictions are class indices; labels of the predictions' rank are
+    one-hot rows when their last axis has the predictions' size, and class
+    indices with a trailing axis of 1 when it is 1.
     """
-    rank = len(y_true.shape)
-    if rank == 2 and y_true.shape[-1] == num_classes and num_classes > 1:
-        one_hot = concrete_value(y_true)
-        if one_hot is not None:
-            bad_rows = ~np.all((one_hot == 0) | (one_hot == 1), axis=-1) | (
-                one_hot.sum(axis=-1) != 1
-            )
-            if np.any(bad_rows):
-                raise ValueError(
-                    "Labels of shape (batch, num_classes) must be one-hot: "
-                    "every row all zeros but a single 1 (soft labels are not "
-                    "supported; pass class indices or exact one-hot rows). "
-                    f"Received: a y_true row {one_hot[bad_rows][0].tolist()}"
-                )
-        labels = ops.argmax(y_true, axis=-1)
-    elif rank == 2 and y_true.shape[-1] == 1:
-        labels = ops.squeeze(y_true, axis=-1)
-    else:
-        labels = y_true
-    if len(labels.shape) != 1:
+    leading = y_pred_shape[:-1]
+    if len(y_true_shape) == len(y_pred_shape) - 1:
+        if _shapes_agree(y_true_shape, leading):
+            return "sparse"
+    elif len(y_true_shape) == len(y_pred_shape):
+        if _shapes_agree(y_true_shape, y_pred_shape) and y_true_shape[-1] != 1:
+            return "one_hot"
+        if y_true_shape[-1] == 1 and _shapes_agree(y_true_shape[:-1], leading):
+            return "sparse1"
+    raise ValueError(
+        "Labels and predictions have incompatible shapes. Expected `y_true` "
+        "of shape y_pred.shape[:-1] (class indices), y_pred.shape[:-1] + (1,) "
+        "(class indices) or y_pred.shape (one-hot rows), with "
+        f"y_pred.shape[-1] the number of classes. Received: "
+        f"y_true.shape={tuple(y_true_shape)}, y_pred.shape={tuple(y_pred_shape)}"
+    )
+
+
+def sparse_labels(y_true, y_pred):
+    """Validated integer labels of shape `y_pred.shape[:-1]`, and a validity mask.
+
+    Accepted, as for Keras's cross entropies (decided by rank, at trace
+    time): class indices of shape `y_pred.shape[:-1]` or
+    `y_pred.shape[:-1] + (1,)`, and one-hot rows of shape `y_pred.shape`.
+    Any other combination raises a `ValueError` naming both shapes.
+
+    Values: in eager mode a label outside `[0, C)`, a non-integer or NaN
+    label, or a row that is not exactly one-hot raises a `ValueError`.
+    Inside a compiled function no error can be raised; such examples are
+    flagged in the returned mask instead, and get the placeholder class 0 so
+    that every gather stays in range. Callers turn the flagged examples'
+    values into NaN, so a bad label is never silently read as another class.
+
+    Args:
+        y_true: the labels.
+        y_pred: the predictions, shape `(..., C)`; only its static shape is
+            used.
+
+    Returns:
+        `(labels, valid)`: int32 labels and a boolean mask, both of shape
+        `y_pred.shape[:-1]`.
+    """
+    y_true = ops.convert_to_tensor(y_true)
+    if len(y_pred.shape) < 1:
         raise ValueError(
-            "Expected labels of shape (batch,), (batch, 1) or (batch, "
-            f"num_classes) with num_classes={num_classes}. Received: "
-            f"y_true.shape={tuple(y_true.shape)}"
+            "Expected predictions with a class axis, of shape (..., C). "
+            f"Received: y_pred.shape={tuple(y_pred.shape)}"
         )
-    values = concrete_value(labels)
-    if values is not None and values.size:
-        bad = (values != np.round(values)) | (values < 0) | (values >= num_classes)
-        if np.any(bad):
+    num_classes = static_num_classes(y_pred)
+    kind = _label_kind(tuple(y_true.shape), tuple(y_pred.shape))
+    if kind == "one_hot":
+        rows = ops.cast(y_true, "float32")
+        exact = ops.all(ops.logical_or(rows == 0.0, rows == 1.0), axis=-1)
+        valid = ops.logical_and(exact, ops.sum(rows, axis=-1) == 1.0)
+        labels = ops.cast(ops.argmax(rows, axis=-1), "int32")
+        values = concrete_value(valid)
+        if values is not None and not np.all(values):
+            bad = concrete_value(rows)[~values][0]
             raise ValueError(
-                "Invalid value in `y_true`. Expected integer class indices in "
-                f"[0, {num_classes}). Received: y_true containing "
-                f"{values[bad][:5].tolist()}"
+                "Invalid value in `y_true`. Labels of the predictions' shape "
+                "must be one-hot: every row all zeros but a single 1 (soft "
+                "labels are not supported; pass class indices or exact one-hot "
+                f"rows). Received: a y_true row {bad.tolist()}"
             )
-    return ops.cast(labels, "int32")
+        return labels, valid
+    if kind == "sparse1":
+        y_true = ops.squeeze(y_true, axis=-1)
+    if "int" in keras.backend.standardize_dtype(y_true.dtype):
+        labels = ops.cast(y_true, "int32")
+        valid = ops.logical_and(labels >= 0, labels < num_classes)
+    else:
+        values = ops.cast(y_true, "float32")
+        # NaN fails every comparison, so it is flagged too.
+        valid = ops.logical_and(
+            ops.logical_and(values >= 0.0, values < float(num_classes)),
+            values == ops.floor(values),
+        )
+        labels = ops.cast(ops.where(valid, values, 0.0), "int32")
+    concrete = concrete_value(valid)
+    if concrete is not None and not np.all(concrete):
+        bad = np.asarray(concrete_value(y_true))[~concrete]
+        raise ValueError(
+            "Invalid value in `y_true`. Expected integer class indices in "
+            f"[0, {num_classes}). Received: y_true containing "
+            f"{bad.ravel()[:5].tolist()}"
+        )
+    return ops.where(valid, labels, 0), valid
+
+
+def nan_where_invalid(values, valid):
+    """`values` where `valid`, NaN elsewhere (see `sparse_labels`)."""
+    return ops.where(valid, values, float("nan"))
 
 
 def check_num_classes(similarity_classes, output_classes, owner):

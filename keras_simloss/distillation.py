@@ -11,7 +11,7 @@ student layers may differ in shape, channels and spatial size.
 - `Distiller`: a `keras.Model` that trains a student from a frozen teacher
   with the compiled student loss (any Keras loss, `SimLoss` included)
   `+ gamma * sum of SP over layer pairs`, optionally plus Hinton logit
-  distillation, running the student once per step.
+  distillation, running the student once per step, on every Keras backend.
 
 Reference:
     Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019.
@@ -19,24 +19,47 @@ Reference:
 """
 
 import contextlib
+import inspect
 
 import keras
 from keras import ops
 
+from keras_simloss import _utils
+
 __all__ = ["Distiller", "SimilarityPreserving", "similarity_preserving_loss"]
 
-_PACKAGE = "keras_simloss"
 _EPSILON = 1e-12
 
 
-def _batch_size(features):
-    return features.shape[0] if len(features.shape) else None
+def _check_features(features, name):
+    """Features must be one tensor with a non-empty batch axis."""
+    if isinstance(features, (list, tuple, dict)):
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected one tensor of "
+            f"shape (batch, ...). Received: a {type(features).__name__} of "
+            f"{len(features)} items (a layer or model with several outputs; "
+            "pick a layer whose output is a single tensor)"
+        )
+    if not hasattr(features, "shape"):
+        features = ops.convert_to_tensor(features)
+    if len(features.shape) < 1:
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected a tensor of shape "
+            f"(batch, ...) with a batch axis. Received: {name}.shape="
+            f"{tuple(features.shape)}"
+        )
+    if features.shape[0] == 0:
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected a batch of at "
+            f"least one example. Received: {name}.shape={tuple(features.shape)}"
+        )
+    return features
 
 
 def check_same_batch(teacher_features, student_features, context=""):
     """Raises a `ValueError` when the two batch sizes are known and differ."""
-    teacher_batch = _batch_size(teacher_features)
-    student_batch = _batch_size(student_features)
+    teacher_batch = teacher_features.shape[0]
+    student_batch = student_features.shape[0]
     if (
         teacher_batch is not None
         and student_batch is not None
@@ -50,13 +73,37 @@ def check_same_batch(teacher_features, student_features, context=""):
         )
 
 
-def _normalized_gram(features):
+def _normalized_gram(features, groups):
+    """Row-normalised Gram matrices of `groups` equal slices of the batch.
+
+    Returns float32 of shape `(groups, b / groups, b / groups)`.
+    """
     # float32 whatever the policy: a Gram of float16 activations overflows.
-    flat = ops.reshape(ops.cast(features, "float32"), (ops.shape(features)[0], -1))
-    gram = ops.matmul(flat, ops.transpose(flat))
-    # Row L2 normalisation; the epsilon guards all-zero rows (e.g. dead ReLUs).
-    norm = ops.sqrt(ops.sum(ops.square(gram), axis=-1, keepdims=True))
-    return gram / ops.maximum(norm, _EPSILON)
+    features = ops.cast(features, "float32")
+    # SP is invariant to a positive scale of the activations, so divide by
+    # their largest magnitude first: the Gram's entries and their squares
+    # then stay far from float32 overflow (activations of 1e20) and
+    # underflow (1e-20). The scale is a constant for the gradient, which is
+    # exact because the loss does not depend on it.
+    scale = ops.stop_gradient(ops.max(ops.abs(features)))
+    features = features / ops.maximum(scale, 1e-30)
+    flat = ops.reshape(features, (groups, ops.shape(features)[0] // groups, -1))
+    gram = ops.matmul(flat, ops.transpose(flat, (0, 2, 1)))
+    # Row L2 normalisation, guarded before the square root: an all-zero row
+    # (dead ReLUs) has norm 0, where sqrt has no derivative (NaN on JAX).
+    squared_norm = ops.sum(ops.square(gram), axis=-1, keepdims=True)
+    return gram / ops.sqrt(ops.maximum(squared_norm, _EPSILON**2))
+
+
+def _sp_loss(teacher_features, student_features, groups=1):
+    difference = _normalized_gram(teacher_features, groups) - _normalized_gram(
+        student_features, groups
+    )
+    local_batch = ops.cast(ops.shape(difference)[-1], "float32")
+    # Per slice ||.||_F^2 / b^2, averaged over the slices.
+    return ops.mean(ops.sum(ops.square(difference), axis=(1, 2))) / ops.square(
+        local_batch
+    )
 
 
 def similarity_preserving_loss(teacher_features, student_features):
@@ -68,11 +115,15 @@ def similarity_preserving_loss(teacher_features, student_features):
         L_SP = || G_T - G_S ||_F^2 / b^2
 
     Properties: 0 when both activations are equal; unchanged when either is
-    multiplied by a positive scalar; independent of the memory layout of the
-    non-batch axes (NHWC or NCHW); at most `4 / b`. Computed in float32.
+    multiplied by a positive scalar (over the whole float32 range: the
+    activations are rescaled before the products); independent of the memory
+    layout of the non-batch axes (NHWC or NCHW); at most `4 / b`. Computed
+    in float32. An all-zero activation row (dead ReLUs) gives a zero Gram
+    row and a finite gradient.
 
     Args:
-        teacher_features: teacher activations, shape `(b, ...)`, any rank.
+        teacher_features: teacher activations, shape `(b, ...)`, any rank
+            >= 1, `b >= 1`.
         student_features: student activations, shape `(b, ...)`; other axes
             may differ from the teacher's.
 
@@ -93,15 +144,13 @@ def similarity_preserving_loss(teacher_features, student_features):
         Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV
         2019, Eq. 3-4. https://arxiv.org/abs/1907.09682
     """
-    teacher_features = ops.convert_to_tensor(teacher_features)
-    student_features = ops.convert_to_tensor(student_features)
+    teacher_features = _check_features(teacher_features, "teacher_features")
+    student_features = _check_features(student_features, "student_features")
     check_same_batch(teacher_features, student_features)
-    difference = _normalized_gram(teacher_features) - _normalized_gram(student_features)
-    batch = ops.cast(ops.shape(difference)[0], "float32")
-    return ops.sum(ops.square(difference)) / ops.square(batch)
+    return _sp_loss(teacher_features, student_features)
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@_utils.register
 class SimilarityPreserving(keras.distillation.DistillationLoss):
     """SP loss between a teacher layer and a student layer.
 
@@ -143,6 +192,8 @@ class SimilarityPreserving(keras.distillation.DistillationLoss):
         find_layer(student, self.student_layer_name, "student")
 
     def validate_outputs(self, teacher_outputs, student_outputs):
+        teacher_outputs = _check_features(teacher_outputs, "teacher_outputs")
+        student_outputs = _check_features(student_outputs, "student_outputs")
         check_same_batch(teacher_outputs, student_outputs)
 
     def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
@@ -199,8 +250,8 @@ def _recording_outputs(layers):
     Each layer's `call` is wrapped on the instance for the duration of the
     block and restored afterwards. This is what lets one forward pass of a
     model return its intermediate activations for any model kind
-    (Sequential, Functional, nested backbones, subclassed), where a
-    multi-output functional view cannot reach inside nested models.
+    (Sequential, Functional, nested backbones, subclassed) on any backend,
+    where a multi-output functional view cannot reach inside nested models.
     """
     outputs = {}
     originals = {}
@@ -238,7 +289,11 @@ def _recording_outputs(layers):
 
 
 def _num_replicas():
-    """Replicas in sync under `tf.distribute` (1 on other backends)."""
+    """Replicas in sync under `tf.distribute` (1 on other backends).
+
+    Under `tf.distribute` each replica runs the step on its local batch and
+    Keras divides the loss by this number before summing gradients.
+    """
     if keras.config.backend() != "tensorflow":
         return 1
     import tensorflow as tf
@@ -246,13 +301,32 @@ def _num_replicas():
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
-def _multi_worker():
-    """Whether training runs under a multi-worker `tf.distribute` strategy."""
+def _data_parallel_shards():
+    """Devices the batch is split over by `keras.distribution` (JAX), else 1.
+
+    Under `keras.distribution.DataParallel` the step runs once over the
+    global batch, laid out across devices (SPMD): this is the number of
+    per-device slices of it.
+    """
+    if keras.config.backend() != "jax":
+        return 1
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return 1
+    mesh = distribution.device_mesh
+    batch_axis = getattr(distribution, "batch_dim_name", None)
+    if batch_axis not in mesh.axis_names:
+        return 1
+    return int(mesh.shape[list(mesh.axis_names).index(batch_axis)])
+
+
+def _multi_worker(strategy=None):
+    """Whether `strategy` (default: the current one) spans several workers."""
     if keras.config.backend() != "tensorflow":
         return False
     import tensorflow as tf
 
-    strategy = tf.distribute.get_strategy()
+    strategy = strategy or tf.distribute.get_strategy()
     resolver = getattr(strategy, "cluster_resolver", None)
     if (
         not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
@@ -262,24 +336,6 @@ def _multi_worker():
     return len(resolver.cluster_spec().as_dict().get("worker", [])) > 1
 
 
-def _check_number(name, value, low, high=None, low_inclusive=True):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"Invalid type for argument `{name}`. Expected a number. "
-            f"Received: {name}={value!r}"
-        )
-    above = value >= low if low_inclusive else value > low
-    if not above or (high is not None and value > high) or value != value:
-        bounds = f"{low} {'<=' if low_inclusive else '<'} {name}"
-        if high is not None:
-            bounds += f" <= {high}"
-        raise ValueError(
-            f"Invalid value for argument `{name}`. Expected {bounds}. "
-            f"Received: {name}={value}"
-        )
-    return float(value)
-
-
 def _input_shapes(model):
     inputs = getattr(model, "inputs", None)
     if not inputs:
@@ -287,7 +343,34 @@ def _input_shapes(model):
     return [tuple(tensor.shape[1:]) for tensor in inputs]
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+def _check_layer_pairs(layer_pairs):
+    message = (
+        "Invalid value for argument `layer_pairs`. Expected a list of "
+        "(teacher_layer_name, student_layer_name) pairs of strings. Received: "
+    )
+    if isinstance(layer_pairs, str) or not isinstance(layer_pairs, (list, tuple)):
+        raise ValueError(f"{message}layer_pairs={layer_pairs!r}")
+    pairs = []
+    for pair in layer_pairs:
+        if (
+            isinstance(pair, str)
+            or not isinstance(pair, (list, tuple))
+            or len(pair) != 2
+            or not all(isinstance(n, str) and n for n in pair)
+        ):
+            raise ValueError(f"{message}{pair!r} in layer_pairs={layer_pairs!r}")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+# Largest allowed weights: beyond them the weighted loss and its gradients
+# leave the range where float32 training makes sense (the paper's gamma is
+# 3000; Hinton's temperatures are 1 to 20).
+_MAX_GAMMA = 1e6
+_MAX_TEMPERATURE = 100.0
+
+
+@_utils.register
 class Distiller(keras.Model):
     """Trains a student from a frozen teacher with similarity preservation.
 
@@ -298,40 +381,57 @@ class Distiller(keras.Model):
             + gamma * sum over layer pairs of L_SP(teacher layer, student layer)
 
     `L_student` is the loss given to `compile` (any Keras loss, `SimLoss`
-    included, with sample and class weights), and `L_SP` is
-    `similarity_preserving_loss`. With `alpha = 0` (the default) the logit
-    term is off; `alpha > 0` gives the paper's KD+SP setting.
+    included, with sample and class weights; regularisation losses of the
+    student are part of it), and `L_SP` is `similarity_preserving_loss`.
+    With `alpha = 0` (the default) the logit term is off; `alpha > 0` gives
+    the paper's KD+SP setting. The KD term is weighted per example by the
+    sample (and class) weights as the compiled loss is; the SP term compares
+    pairs of examples and is not weighted.
 
-    Each step runs the teacher once in inference mode outside the gradient
-    tape, and the student once in training mode: that one pass yields both
-    the predictions and the chosen activations (so batch-norm statistics move
-    once). Only the student's weights change. The compiled metrics see the
-    student's predictions; `predict` and `call` are the student's.
-    History reports `loss` (the total), `student_loss`, `sp_loss` and, when on,
-    `kd_loss`, for training and validation alike.
+    The step is Keras's own on every backend (TensorFlow, JAX, PyTorch): the
+    distiller's `call` runs the student once and records the activations of
+    the chosen layers on that pass, and `compute_loss` adds the teacher's
+    forward pass (inference mode, no gradient) and the distillation terms.
+    So the student runs once per step (batch-norm statistics move once),
+    where `keras.distillation.Distiller` runs it twice. Only the student's
+    weights change. The compiled metrics see the student's predictions;
+    `predict` and `call` are the student's. History reports `loss` (the
+    total), `student_loss`, `sp_loss` and, when on, `kd_loss`, for training
+    and validation alike.
 
     Layers are named per model, nested models included (`"block3"` when
-    unique, else a path such as `"backbone/block3"`).
+    unique, else a path such as `"backbone/block3"`). Models with several
+    outputs (a list or dict) work: the compiled loss and metrics see the
+    whole structure as in any Keras model, and the KD term uses the output
+    named by `logits_output`, or, by default, every output (the teacher's
+    and the student's outputs must then have the same structure, as in
+    `keras.distillation.LogitsDistillation`), summed. Unbuilt students and
+    teachers are built by Keras from the first batch.
 
-    Under `tf.distribute`, each replica sees its local batch; with
-    `gram_batch="replica"` (the default) the Gram matrices cover that local
-    batch, as in single-device training with a batch of that size. With
-    `gram_batch="global"` the activations are all-gathered across replicas
-    first, so the Gram matrices cover the global batch (at the cost of one
-    all-gather per layer and a `B x B` Gram).
+    Data parallelism: with `gram_batch="replica"` (the default) the Gram
+    matrices cover each replica's (or device's) slice of the batch, as in
+    single-device training with a batch of that size; with
+    `gram_batch="global"` they cover the global batch. Under
+    `tf.distribute` that costs one all-gather per layer; under
+    `keras.distribution.DataParallel` (JAX) the step already sees the
+    global batch, and `"replica"` splits it into the per-device slices.
 
     Args:
-        teacher: a built `keras.Model`. It is frozen (`trainable = False`).
-        student: a built `keras.Model` with the same inputs as the teacher.
+        teacher: a `keras.Model`. It is frozen (`trainable = False`).
+        student: a `keras.Model` with the same inputs as the teacher.
         layer_pairs: list of `(teacher_layer_name, student_layer_name)`.
-        gamma: weight of the SP term, >= 0. Defaults to `3000.0` (the
-            paper's CIFAR-10 setting).
+        gamma: weight of the SP term, `0 <= gamma <= 1e6`. Defaults to
+            `3000.0` (the paper's CIFAR-10 setting).
         alpha: weight of the logit-distillation term in `[0, 1]`; the
             student loss gets `1 - alpha`. Defaults to `0.0` (off).
-        temperature: softmax temperature of the logit term, > 0. Defaults
-            to `4.0`. Both models must output logits when `alpha > 0`.
+        temperature: softmax temperature of the logit term,
+            `0 < temperature <= 100`. Defaults to `4.0`. Both models must
+            output logits when `alpha > 0`.
         gram_batch: `"replica"` or `"global"`, see above. Defaults to
             `"replica"`.
+        logits_output: for models with several outputs, the key (dict) or
+            index (list) of the logits used by the KD term. Defaults to
+            `None`: every output.
         name: Defaults to `"distiller"`.
 
     Example:
@@ -362,6 +462,7 @@ class Distiller(keras.Model):
         alpha=0.0,
         temperature=4.0,
         gram_batch="replica",
+        logits_output=None,
         name="distiller",
         **kwargs,
     ):
@@ -383,10 +484,17 @@ class Distiller(keras.Model):
                 f"teacher input shapes {teacher_shapes}, student input "
                 f"shapes {student_shapes}"
             )
-        self.gamma = _check_number("gamma", gamma, 0.0)
-        self.alpha = _check_number("alpha", alpha, 0.0, 1.0)
-        self.temperature = _check_number(
-            "temperature", temperature, 0.0, low_inclusive=False
+        self.gamma = _utils.check_number(
+            "gamma", gamma, 0.0, _MAX_GAMMA, high_inclusive=True
+        )
+        self.alpha = _utils.check_number("alpha", alpha, 0.0, 1.0, high_inclusive=True)
+        self.temperature = _utils.check_number(
+            "temperature",
+            temperature,
+            0.0,
+            _MAX_TEMPERATURE,
+            low_inclusive=False,
+            high_inclusive=True,
         )
         if gram_batch not in ("replica", "global"):
             raise ValueError(
@@ -394,19 +502,16 @@ class Distiller(keras.Model):
                 f"or 'global'. Received: gram_batch={gram_batch!r}"
             )
         self.gram_batch = gram_batch
-        pairs = []
-        for pair in layer_pairs:
-            if (
-                isinstance(pair, str)
-                or len(pair) != 2
-                or not all(isinstance(n, str) for n in pair)
-            ):
-                raise ValueError(
-                    "Invalid value for argument `layer_pairs`. Expected a "
-                    "list of (teacher_layer_name, student_layer_name) pairs. "
-                    f"Received: {pair!r}"
-                )
-            pairs.append((pair[0], pair[1]))
+        if logits_output is not None and (
+            isinstance(logits_output, bool) or not isinstance(logits_output, (str, int))
+        ):
+            raise ValueError(
+                "Invalid value for argument `logits_output`. Expected None, an "
+                "output key (str) or an output index (int). Received: "
+                f"logits_output={logits_output!r}"
+            )
+        self.logits_output = logits_output
+        pairs = _check_layer_pairs(layer_pairs)
         self.layer_pairs = pairs
         if not pairs and self.alpha == 0.0:
             raise ValueError(
@@ -432,22 +537,27 @@ class Distiller(keras.Model):
         self.student = student
         self.teacher.trainable = False
         # With both models built, so is the distiller: fit needs no symbolic
-        # build (which BackupAndRestore requires, and which fails under
-        # MultiWorkerMirroredStrategy, keras-team/keras#20585).
+        # build (which BackupAndRestore requires). Otherwise Keras builds it
+        # from the first batch.
         if teacher.built and student.built:
             self.built = True
-        self._total_tracker = keras.metrics.Mean(name="loss")
         self._student_tracker = keras.metrics.Mean(name="student_loss")
         self._sp_tracker = keras.metrics.Mean(name="sp_loss")
         self._kd_tracker = keras.metrics.Mean(name="kd_loss")
+        # The student's activations of the latest `call`, handed to
+        # `compute_loss` of the same step (kept out of Keras's tracking).
+        object.__setattr__(self, "_last_pass", None)
 
     # Forward passes ---------------------------------------------------------
 
-    def call(self, inputs, training=None):
-        return self.student(inputs, training=training)
-
-    def _recorded(self, recorded, role):
-        """The recorded activations of the pairs, in order."""
+    def _run_recorded(self, model, layers, x, training):
+        if not model.built:
+            # Build first, outside the recording: building may call layers
+            # (symbolically) once more.
+            model(x, training=training)
+        with _recording_outputs(layers) as recorded:
+            outputs = model(x, training=training)
+        role = "teacher" if model is self.teacher else "student"
         features = []
         for index, (teacher_name, student_name) in enumerate(self.layer_pairs):
             if f"pair{index}" not in recorded:
@@ -458,58 +568,132 @@ class Distiller(keras.Model):
                     "outputs), so it has no activations to distil."
                 )
             features.append(recorded[f"pair{index}"])
-        return features
+        return outputs, features
 
-    def _teacher_forward(self, x):
-        with _recording_outputs(self._teacher_layers) as recorded:
-            logits = self.teacher(x, training=False)
-        features = [ops.stop_gradient(f) for f in self._recorded(recorded, "teacher")]
-        return ops.stop_gradient(logits), features
+    def call(self, inputs, training=None):
+        y_pred, features = self._run_recorded(
+            self.student, self._student_layers, inputs, training
+        )
+        object.__setattr__(self, "_last_pass", (y_pred, features))
+        return y_pred
 
-    def _student_forward(self, x, training):
-        with _recording_outputs(self._student_layers) as recorded:
-            y_pred = self.student(x, training=training)
-        return y_pred, self._recorded(recorded, "student")
+    def _student_features(self, x, y_pred, training):
+        """The activations of the pass that made `y_pred` (run it if unknown)."""
+        last_pass = self._last_pass
+        object.__setattr__(self, "_last_pass", None)
+        if last_pass is not None and last_pass[0] is y_pred:
+            return last_pass[1]
+        # `compute_loss` called with predictions this distiller did not
+        # make in its latest call (e.g. by hand): run the student again.
+        return self._run_recorded(self.student, self._student_layers, x, training)[1]
 
     # Losses -----------------------------------------------------------------
 
-    def _gather(self, features):
-        if self.gram_batch != "global" or _num_replicas() == 1:
-            return features
-        import tensorflow as tf
+    def _gram_groups(self, features):
+        """`(features, groups)` for the SP term, per `gram_batch`."""
+        replicas = _num_replicas()
+        if self.gram_batch == "global" and replicas > 1:
+            import tensorflow as tf
 
-        context = tf.distribute.get_replica_context()
-        return context.all_gather(features, axis=0)
+            context = tf.distribute.get_replica_context()
+            if context is not None:  # None in Keras's symbolic build
+                return context.all_gather(features, axis=0), 1
+        shards = _data_parallel_shards()
+        if self.gram_batch == "replica" and shards > 1:
+            return features, shards
+        return features, 1
 
     def _sp_loss(self, teacher_features, student_features):
         total = 0.0
         for (teacher_name, student_name), t, s in zip(
             self.layer_pairs, teacher_features, student_features
         ):
+            t = _check_features(t, f"activations of teacher layer {teacher_name!r}")
+            s = _check_features(s, f"activations of student layer {student_name!r}")
             check_same_batch(
                 t, s, f" for the pair ({teacher_name!r}, {student_name!r})"
             )
-            total = total + similarity_preserving_loss(self._gather(t), self._gather(s))
+            t, groups = self._gram_groups(t)
+            s, _ = self._gram_groups(s)
+            total = total + _sp_loss(t, s, groups)
         return total
 
-    def _kd_loss(self, teacher_logits, student_logits):
-        t = ops.cast(teacher_logits, "float32") / self.temperature
-        s = ops.cast(student_logits, "float32") / self.temperature
-        teacher_log_probs = ops.log_softmax(t, axis=-1)
-        student_log_probs = ops.log_softmax(s, axis=-1)
-        kl = ops.sum(
-            ops.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs),
-            axis=-1,
-        )
-        return self.temperature**2 * ops.mean(kl)
+    def _logits(self, outputs, role):
+        if self.logits_output is None:
+            return outputs
+        try:
+            return outputs[self.logits_output]
+        except (KeyError, IndexError, TypeError):
+            raise ValueError(
+                f"Invalid value for argument `logits_output`. The {role}'s "
+                f"outputs have no entry {self.logits_output!r}. Received: "
+                f"outputs of structure {keras.tree.map_structure(lambda t: tuple(t.shape), outputs)}"
+            ) from None
 
-    def _step_losses(self, x, y, sample_weight, training):
-        """Forward passes and every loss part; returns (y_pred, total, parts)."""
-        teacher_logits, teacher_features = self._teacher_forward(x)
-        y_pred, student_features = self._student_forward(x, training)
-        # The compiled loss (plus regularisers), already divided by the number
+    def _kd_loss(self, teacher_outputs, student_outputs, sample_weight):
+        teacher_logits = self._logits(teacher_outputs, "teacher")
+        student_logits = self._logits(student_outputs, "student")
+        try:
+            keras.tree.assert_same_structure(teacher_logits, student_logits)
+        except (ValueError, TypeError):
+            raise ValueError(
+                "The KD term (alpha > 0) pairs the teacher's and the student's "
+                "logits, so their outputs must have the same structure; pick "
+                "one with `logits_output`. Received: teacher outputs "
+                f"{keras.tree.map_structure(lambda t: tuple(t.shape), teacher_logits)}, "
+                "student outputs "
+                f"{keras.tree.map_structure(lambda t: tuple(t.shape), student_logits)}"
+            ) from None
+        total = 0.0
+        for t, s in zip(
+            keras.tree.flatten(teacher_logits), keras.tree.flatten(student_logits)
+        ):
+            if t.shape[-1] != s.shape[-1]:
+                raise ValueError(
+                    "The KD term (alpha > 0) needs teacher and student logits "
+                    "over the same classes. Received: teacher logits of shape "
+                    f"{tuple(t.shape)}, student logits of shape {tuple(s.shape)}"
+                )
+            t = ops.cast(t, "float32") / self.temperature
+            s = ops.cast(s, "float32") / self.temperature
+            teacher_log_probs = ops.log_softmax(t, axis=-1)
+            student_log_probs = ops.log_softmax(s, axis=-1)
+            kl = ops.sum(
+                ops.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs),
+                axis=-1,
+            )
+            if sample_weight is not None:
+                # As Keras's "sum_over_batch_size": sum(w * kl) / count.
+                weight = ops.cast(
+                    ops.convert_to_tensor(keras.tree.flatten(sample_weight)[0]),
+                    "float32",
+                )
+                if len(weight.shape) > len(kl.shape):
+                    weight = ops.reshape(weight, ops.shape(kl))
+                kl = kl * weight
+            total = total + self.temperature**2 * ops.mean(kl)
+        return total
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        """The total loss of a step, as Keras's trainers call it.
+
+        `y_pred` is the output of this distiller's latest `call`, whose
+        student activations are reused; the teacher runs here, in inference
+        mode and without gradient.
+        """
+        if y_pred is None:
+            y_pred = self(x, training=training)
+        student_features = self._student_features(x, y_pred, training)
+        teacher_outputs, teacher_features = self._run_recorded(
+            self.teacher, self._teacher_layers, x, False
+        )
+        teacher_outputs = keras.tree.map_structure(ops.stop_gradient, teacher_outputs)
+        teacher_features = [ops.stop_gradient(f) for f in teacher_features]
+        # The compiled loss plus regularisers, already divided by the number
         # of replicas, as Keras does before summing gradients across them.
-        student_loss = self.compute_loss(
+        student_loss = super().compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
         )
         replicas = _num_replicas()
@@ -518,49 +702,24 @@ class Distiller(keras.Model):
             if self.layer_pairs
             else 0.0
         )
-        kd_loss = self._kd_loss(teacher_logits, y_pred) if self.alpha > 0 else 0.0
+        kd_loss = (
+            self._kd_loss(teacher_outputs, y_pred, sample_weight)
+            if self.alpha > 0
+            else 0.0
+        )
         total = (1.0 - self.alpha) * student_loss + (
             self.gamma * sp_loss + self.alpha * kd_loss
         ) / replicas
-        parts = {"student": student_loss * replicas, "sp": sp_loss, "kd": kd_loss}
-        return y_pred, total, parts
-
-    def _track(self, total, parts, x):
         batch = ops.shape(keras.tree.flatten(x)[0])[0]
-        self._total_tracker.update_state(total * _num_replicas(), sample_weight=batch)
-        self._student_tracker.update_state(parts["student"], sample_weight=batch)
+        self._student_tracker.update_state(student_loss * replicas, sample_weight=batch)
         if self.layer_pairs:
-            self._sp_tracker.update_state(parts["sp"], sample_weight=batch)
+            self._sp_tracker.update_state(sp_loss, sample_weight=batch)
         if self.alpha > 0:
-            self._kd_tracker.update_state(parts["kd"], sample_weight=batch)
+            self._kd_tracker.update_state(kd_loss, sample_weight=batch)
+        return total
 
-    # Steps (TensorFlow backend: GradientTape) -------------------------------
-
-    def train_step(self, data):
-        import tensorflow as tf
-
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        # The teacher is frozen, so these are the student's; taken from the
-        # distiller, in its order, as Keras builds the optimizer from them when
-        # it restores a checkpoint.
-        variables = self.trainable_variables
-        with tf.GradientTape() as tape:
-            y_pred, total, parts = self._step_losses(x, y, sample_weight, training=True)
-            # Loss scaling under mixed_float16 (identity otherwise).
-            scaled = self.optimizer.scale_loss(total)
-        gradients = tape.gradient(scaled, variables)
-        self.optimizer.apply_gradients(zip(gradients, variables))
-        self._track(total, parts, x)
-        return self._step_logs(x, y, y_pred, sample_weight)
-
-    def test_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        y_pred, total, parts = self._step_losses(x, y, sample_weight, training=False)
-        self._track(total, parts, x)
-        return self._step_logs(x, y, y_pred, sample_weight)
-
-    def _step_logs(self, x, y, y_pred, sample_weight):
-        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        logs = super().compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         if _multi_worker():
             # Workaround for a second multi-worker failure in Keras 3.15's
             # TensorFlow trainer (see keras-team/keras#20585): it reduces each
@@ -569,63 +728,26 @@ class Distiller(keras.Model):
             logs = {name: ops.reshape(value, (1,)) for name, value in logs.items()}
         return logs
 
-    def predict_step(self, data):
-        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        return self.student(x, training=False)
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Workaround for keras-team/keras#20585 (open as of Keras 3.15): under
-        # MultiWorkerMirroredStrategy, Keras's TensorFlow trainer builds
-        # metrics and optimizer from the first batch after reducing its
-        # per-replica values with `strategy.reduce`, which fails on a
-        # PerReplica batch before the first step. Building from the first
-        # replica's local batch instead needs no cross-worker call and gives
-        # the same shapes. Everything else goes to Keras unchanged.
-        strategy = getattr(self, "_distribute_strategy", None)
-        symbolic_build = getattr(self, "_symbolic_build", None)
-        if strategy is None or iterator is None or symbolic_build is None:
-            return super()._maybe_symbolic_build(
-                iterator=iterator, data_batch=data_batch
-            )
-        import tensorflow as tf
-
-        for _, _, batches in iterator:
-            batch = next(batches)
-            break
-        local_batch = keras.tree.map_structure(
-            lambda value: (
-                strategy.experimental_local_results(value)[0]
-                if isinstance(value, tf.distribute.DistributedValues)
-                else value
-            ),
-            batch,
-        )
-        with strategy.scope():
-            symbolic_build(data_batch=local_batch)
-
     @property
     def metrics(self):
-        # Our own "loss" tracker (the total) replaces Keras's, which only its
-        # own train_step updates; the part trackers follow, then the compiled
-        # metrics of the student.
-        own = [self._total_tracker, self._student_tracker]
+        # Keras's own "loss" tracker (the total) and compiled metrics, then
+        # the loss parts.
+        own = [self._student_tracker]
         if self.layer_pairs:
             own.append(self._sp_tracker)
         if self.alpha > 0:
             own.append(self._kd_tracker)
-        trackers = {
-            id(m)
-            for m in (
-                self._total_tracker,
-                self._student_tracker,
-                self._sp_tracker,
-                self._kd_tracker,
-            )
-        }
-        rest = [
-            m for m in super().metrics if id(m) not in trackers and m.name != "loss"
-        ]
-        return own + rest
+        return super().metrics + own
+
+    # Multi-worker TensorFlow ------------------------------------------------
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Overrides a private Keras method, only under multi-worker
+        # tf.distribute; see `_build_from_local_batch`.
+        strategy = getattr(self, "_distribute_strategy", None)
+        if iterator is not None and _multi_worker(strategy):
+            return _build_from_local_batch(self, iterator)
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     # Serialization ----------------------------------------------------------
 
@@ -639,6 +761,7 @@ class Distiller(keras.Model):
             "alpha": self.alpha,
             "temperature": self.temperature,
             "gram_batch": self.gram_batch,
+            "logits_output": self.logits_output,
         }
 
     @classmethod
@@ -647,3 +770,51 @@ class Distiller(keras.Model):
         config["teacher"] = keras.saving.deserialize_keras_object(config["teacher"])
         config["student"] = keras.saving.deserialize_keras_object(config["student"])
         return cls(**config)
+
+
+# The private Keras API that `_build_from_local_batch` relies on; a test
+# checks it is still there, so a Keras change fails loudly.
+KERAS_PRIVATE_BUILD_API = {
+    "_maybe_symbolic_build": ("self", "iterator", "data_batch"),
+    "_symbolic_build": ("self", "iterator", "data_batch"),
+}
+
+
+def keras_private_build_api_changed():
+    """Names of the private Keras methods above that changed or disappeared."""
+    changed = []
+    for method, parameters in KERAS_PRIVATE_BUILD_API.items():
+        function = getattr(keras.Model, method, None)
+        if (
+            function is None
+            or tuple(inspect.signature(function).parameters) != parameters
+        ):
+            changed.append(method)
+    return changed
+
+
+def _build_from_local_batch(model, iterator):
+    """Workaround for keras-team/keras#20585 (open as of Keras 3.15).
+
+    Under `MultiWorkerMirroredStrategy`, Keras's TensorFlow trainer builds
+    metrics and optimizer from the first batch after reducing its
+    per-replica values with `strategy.reduce`, which fails on a `PerReplica`
+    batch before the first step. Building from the first replica's local
+    batch instead needs no cross-worker call and gives the same shapes.
+    """
+    import tensorflow as tf
+
+    strategy = model._distribute_strategy
+    for _, _, batches in iterator:
+        batch = next(batches)
+        break
+    local_batch = keras.tree.map_structure(
+        lambda value: (
+            strategy.experimental_local_results(value)[0]
+            if isinstance(value, tf.distribute.DistributedValues)
+            else value
+        ),
+        batch,
+    )
+    with strategy.scope():
+        model._symbolic_build(data_batch=local_batch)

@@ -26,15 +26,19 @@ def sim_loss(y_true, y_pred, similarity, from_logits=False):
     whatever the inputs' dtype.
 
     Args:
-        y_true: integer labels of shape `(batch,)` or `(batch, 1)`, or one-hot
-            labels of shape `(batch, C)`.
-        y_pred: logits or probabilities of shape `(batch, C)`.
+        y_true: class indices of shape `y_pred.shape[:-1]` (optionally with
+            a trailing axis of 1), or one-hot rows of shape `y_pred.shape`.
+            Which of the two is decided by rank, as in Keras.
+        y_pred: logits or probabilities of shape `(..., C)`.
         similarity: a `keras_simloss.similarity.Similarity` or a `(C, C)`
             array-like.
         from_logits: whether `y_pred` holds logits. Defaults to `False`.
 
     Returns:
-        A float32 tensor of shape `(batch,)`.
+        A float32 tensor of shape `y_pred.shape[:-1]`. An example whose label
+        is not a class index (out of `[0, C)`, negative, NaN, non-integer, or
+        a row that is not one-hot) raises a `ValueError` in eager mode; inside
+        a compiled function, where nothing can be raised, its loss is NaN.
 
     Example:
 
@@ -51,21 +55,28 @@ def sim_loss(y_true, y_pred, similarity, from_logits=False):
     # float32 whatever the policy: float16 rounds small probabilities to 0
     # and overflows exp of moderate logits.
     y_pred = ops.cast(ops.convert_to_tensor(y_pred), "float32")
-    y_true = ops.convert_to_tensor(y_true)
     num_classes = _utils.static_num_classes(y_pred)
     _utils.check_num_classes(similarity.num_classes, num_classes, "SimLoss")
-    labels = _utils.sparse_labels(y_true, num_classes)
+    labels, valid = _utils.sparse_labels(y_true, y_pred)
+    # The similarities work on a flat batch: (..., C) -> (N, C).
+    leading = ops.shape(labels)
+    labels = ops.reshape(labels, (-1,))
+    y_pred = ops.reshape(y_pred, (-1, num_classes))
     if from_logits:
-        return ops.logsumexp(y_pred, axis=-1) - similarity.log_weighted_sum_exp(
+        loss = ops.logsumexp(y_pred, axis=-1) - similarity.log_weighted_sum_exp(
             labels, y_pred
         )
-    epsilon = keras.config.epsilon()
-    # As in Keras's cross entropy: clip so that log never sees 0, and divide by
-    # the total so unnormalised inputs are treated as distributions. The unit
-    # diagonal keeps the weighted sum >= epsilon.
-    probabilities = ops.clip(y_pred, epsilon, 1.0 - epsilon)
-    total = ops.sum(probabilities, axis=-1)
-    return ops.log(total) - ops.log(similarity.weighted_sum(labels, probabilities))
+    else:
+        epsilon = keras.config.epsilon()
+        # As in Keras's cross entropy: clip so that log never sees 0, and
+        # divide by the total so unnormalised inputs are treated as
+        # distributions. The unit diagonal keeps the weighted sum >= epsilon.
+        probabilities = ops.clip(y_pred, epsilon, 1.0 - epsilon)
+        total = ops.sum(probabilities, axis=-1)
+        loss = ops.log(total) - ops.log(similarity.weighted_sum(labels, probabilities))
+    # A label that is not a class (seen only inside compiled steps; eager
+    # mode raised) gives NaN, never the loss of another class.
+    return _utils.nan_where_invalid(ops.reshape(loss, leading), valid)
 
 
 @keras.saving.register_keras_serializable(package="keras_simloss")
@@ -99,12 +110,18 @@ class SimLoss(keras.losses.Loss):
         dtype: dtype of the reduced loss. The per-example loss is always
             computed in float32. Defaults to `None` (`keras.config.floatx()`).
 
-    Labels: integer class indices of shape `(batch,)` or `(batch, 1)`, or
-    one-hot rows of shape `(batch, C)`. In eager mode, labels out of range and
-    soft (non one-hot) rows raise a `ValueError`. Inside a compiled
-    `train_step` (graph or XLA) values cannot be checked; XLA clamps
-    out-of-range indices of a gather, so such labels give a wrong loss rather
-    than an error.
+    Shapes, as for Keras's cross entropies: `y_pred` is `(..., C)` (a batch,
+    a sequence, an image of per-pixel scores); labels are class indices of
+    shape `y_pred.shape[:-1]` (or with a trailing 1), or one-hot rows of
+    `y_pred`'s shape, decided by rank. Any other pair of shapes raises a
+    `ValueError` when the loss is first traced. Sample weights of the labels'
+    shape (per element) or of the batch shape work as in Keras.
+
+    Bad label values (out of `[0, C)`, negative, NaN, non-integer, soft
+    rows) raise a `ValueError` in eager mode. Inside a compiled step (graph
+    or XLA), where nothing can be raised, the loss of such an example is
+    NaN, so the epoch's loss is NaN and `keras.callbacks.TerminateOnNaN`
+    stops the run; the other examples' gradients stay finite.
 
     Example:
 

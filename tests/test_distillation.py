@@ -232,7 +232,9 @@ def test_loss_parts_match_independent_computation():
     per_example = -np.log(np.sum(np.asarray(sim)[y] * softmax(student_logits), axis=-1))
     student = np.sum(per_example * weights) / len(y)
     p_t, p_s = softmax(teacher_logits / 2.0), softmax(student_logits / 2.0)
-    kd = 4.0 * np.mean(np.sum(p_t * (np.log(p_t) - np.log(p_s)), axis=-1))
+    # The KD term is weighted per example like the compiled loss.
+    kl = np.sum(p_t * (np.log(p_t) - np.log(p_s)), axis=-1)
+    kd = 4.0 * np.sum(kl * weights) / len(y)
     assert result["sp_loss"] == pytest.approx(sp, rel=1e-4)
     assert result["student_loss"] == pytest.approx(student, rel=1e-5)
     assert result["kd_loss"] == pytest.approx(kd, rel=1e-4)
@@ -428,40 +430,63 @@ def test_similarity_preserving_in_keras_distiller():
         )
 
 
+BAD_ARGUMENTS = {
+    "gamma<0": (
+        {"gamma": -1.0},
+        ValueError,
+        r"0.0 <= gamma <= 1000000.0. Received: gamma=-1.0",
+    ),
+    "gamma=inf": ({"gamma": float("inf")}, ValueError, r"gamma=inf"),
+    "gamma=1e30": ({"gamma": 1e30}, ValueError, r"gamma <= 1000000.0"),
+    "gamma=nan": ({"gamma": float("nan")}, ValueError, r"gamma=nan"),
+    "gamma=str": ({"gamma": "3000"}, TypeError, r"`gamma`. Expected a number"),
+    "no-terms": (
+        {"layer_pairs": []},
+        ValueError,
+        r"Nothing to distil.*layer_pairs=\[\], alpha=0",
+    ),
+    "gamma=0": ({"gamma": 0.0}, ValueError, r"Nothing to distil"),
+    "alpha>1": ({"alpha": 1.5}, ValueError, r"alpha <= 1.0"),
+    "temperature=0": ({"temperature": 0.0}, ValueError, r"0.0 < temperature"),
+    "temperature=inf": (
+        {"temperature": float("inf")},
+        ValueError,
+        r"temperature=inf",
+    ),
+    "gram-batch": ({"gram_batch": "all"}, ValueError, r"gram_batch"),
+    "pair-shape": ({"layer_pairs": ["block"]}, ValueError, r"layer_pairs"),
+    "pairs=None": (
+        {"layer_pairs": None},
+        ValueError,
+        r"`layer_pairs`. Expected a list.*Received: layer_pairs=None",
+    ),
+    "logits-output": ({"logits_output": 1.5}, ValueError, r"logits_output=1.5"),
+    "unknown-layer": (
+        {"layer_pairs": [("nope", "block")]},
+        ValueError,
+        r"No layer named 'nope' in the teacher.*'block'",
+    ),
+}
+
+
 @pytest.mark.parametrize(
-    "kwargs, error, message",
-    [
-        ({"gamma": -1.0}, ValueError, r"Expected 0.0 <= gamma. Received: gamma=-1.0"),
-        (
-            {"layer_pairs": []},
-            ValueError,
-            r"Nothing to distil.*layer_pairs=\[\], alpha=0",
-        ),
-        ({"gamma": 0.0}, ValueError, r"Nothing to distil"),
-        ({"alpha": 1.5}, ValueError, r"alpha <= 1.0"),
-        ({"temperature": 0.0}, ValueError, r"0.0 < temperature"),
-        ({"gram_batch": "all"}, ValueError, r"gram_batch"),
-        ({"layer_pairs": ["block"]}, ValueError, r"layer_pairs"),
-        (
-            {"layer_pairs": [("nope", "block")]},
-            ValueError,
-            r"No layer named 'nope' in the teacher.*'block'",
-        ),
-    ],
-    ids=[
-        "gamma<0",
-        "no-terms",
-        "gamma=0",
-        "alpha>1",
-        "temperature",
-        "gram-batch",
-        "pair-shape",
-        "unknown-layer",
-    ],
+    "kwargs, error, message", list(BAD_ARGUMENTS.values()), ids=list(BAD_ARGUMENTS)
 )
 def test_bad_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):
         make_distiller(**kwargs)
+
+
+def test_numpy_scalars_are_accepted():
+    distiller = make_distiller(
+        gamma=np.float32(3000), alpha=np.float64(0.5), temperature=np.int64(4)
+    )
+    assert (distiller.gamma, distiller.alpha, distiller.temperature) == (
+        3000.0,
+        0.5,
+        4.0,
+    )
+    assert type(distiller.gamma) is float
 
 
 def test_different_input_shapes_are_rejected():
