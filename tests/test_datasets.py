@@ -135,3 +135,32 @@ def test_missing_gensim_gives_an_install_hint(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match=r"keras-simloss\[vectors\]"):
         load_word_vectors(path, ["rose"])
+
+
+def _touch_images(folder, names):
+    for name in names:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+
+
+def test_afad_loader_on_a_utkface_folder_names_both_layouts(tmp_path):
+    from keras_simloss.datasets import faces
+
+    _touch_images(tmp_path, [f"{20 + i}_0_1_2017011600000{i}.jpg" for i in range(3)])
+    with pytest.raises(ValueError) as info:
+        faces.afad_files(tmp_path)
+    message = str(info.value)
+    assert "AGE/GENDER/IMAGE.jpg" in message
+    assert "Found 3 other image file(s), e.g. '20_0_1_20170116000000.jpg'" in message
+
+
+def test_utkface_loader_on_an_afad_folder_mentions_the_subfolders(tmp_path):
+    from keras_simloss.datasets import faces
+
+    _touch_images(tmp_path, ["15/111/0001.jpg", "16/112/0002.jpg"])
+    with pytest.raises(ValueError) as info:
+        faces.utkface_files(tmp_path)
+    message = str(info.value)
+    assert "AGE_GENDER_RACE_DATETIME.jpg" in message
+    assert "2 subfolder(s), e.g. '15'" in message and "AGE/GENDER/IMAGE.jpg" in message

@@ -62,18 +62,19 @@ def _check_dir(data_dir, layout):
     return data_dir
 
 
-def _finish(paths, ages, skipped, data_dir, layout, min_age, max_age):
+def _finish(paths, ages, skipped, data_dir, layout, min_age, max_age, hint=""):
+    skipped = sorted(skipped)
     if not paths:
         raise ValueError(
             f"No usable image in {data_dir!r}: expected the {layout} layout with "
-            f"ages in [{min_age}, {max_age}]. Found {len(skipped)} other "
-            f"file(s){', e.g. ' + repr(skipped[0]) if skipped else ''}."
+            f"ages in [{min_age}, {max_age}]. Found {len(skipped)} other image "
+            f"file(s){', e.g. ' + repr(skipped[0]) if skipped else ''}{hint}."
         )
     order = np.argsort(paths)
     return AgeFiles(
         paths=tuple(np.asarray(paths)[order]),
         ages=np.asarray(ages, np.int32)[order],
-        skipped=tuple(sorted(skipped)),
+        skipped=tuple(skipped),
     )
 
 
@@ -89,9 +90,12 @@ def utkface_files(data_dir, min_age=1, max_age=90):
         An `AgeFiles`. Files whose name does not start with an integer age,
         and ages outside `[min_age, max_age]`, are listed in `skipped`.
     """
-    data_dir = _check_dir(data_dir, "UTKFace (age_gender_race_datetime.jpg)")
-    paths, ages, skipped = [], [], []
+    layout = "UTKFace (AGE_GENDER_RACE_DATETIME.jpg, e.g. 25_0_1_20170116.jpg)"
+    data_dir = _check_dir(data_dir, layout)
+    paths, ages, skipped, folders = [], [], [], []
     for name in os.listdir(data_dir):
+        if os.path.isdir(os.path.join(data_dir, name)):
+            folders.append(name)
         if not name.lower().endswith(_IMAGE_SUFFIXES):
             continue
         field = name.split("_", 1)[0]
@@ -100,15 +104,15 @@ def utkface_files(data_dir, min_age=1, max_age=90):
             ages.append(int(field))
         else:
             skipped.append(name)
-    return _finish(
-        paths,
-        ages,
-        skipped,
-        data_dir,
-        "UTKFace (age_gender_race_datetime.jpg)",
-        min_age,
-        max_age,
-    )
+    hint = ""
+    if folders:
+        # UTKFace images lie directly in the folder; subfolders suggest
+        # another layout (AFAD's AGE/GENDER/IMAGE.jpg) or a parent folder.
+        hint = (
+            f", and {len(folders)} subfolder(s), e.g. {sorted(folders)[0]!r}, "
+            "which are not searched (AFAD's layout is AGE/GENDER/IMAGE.jpg)"
+        )
+    return _finish(paths, ages, skipped, data_dir, layout, min_age, max_age, hint)
 
 
 def afad_files(data_dir, min_age=15, max_age=75):
@@ -120,20 +124,29 @@ def afad_files(data_dir, min_age=15, max_age=75):
         max_age: oldest age kept. Defaults to `75` (61 classes).
 
     Returns:
-        An `AgeFiles`; images under folders that are not an age in range go
-        to `skipped`.
+        An `AgeFiles`; images under folders that are not an age in range,
+        and images not two folders deep (e.g. UTKFace's, at the top), go to
+        `skipped`.
     """
-    layout = "AFAD (AGE/GENDER/IMAGE.jpg)"
+    layout = "AFAD (AGE/GENDER/IMAGE.jpg, e.g. 15/111/0001.jpg)"
     data_dir = _check_dir(data_dir, layout)
     paths, ages, skipped = [], [], []
+
+    def is_image(name):
+        return name.lower().endswith(_IMAGE_SUFFIXES)
+
     for age_name in os.listdir(data_dir):
         age_dir = os.path.join(data_dir, age_name)
         if not os.path.isdir(age_dir):
+            if is_image(age_name):  # an image at the top (UTKFace's layout)
+                skipped.append(age_name)
             continue
         usable = age_name.isdigit() and min_age <= int(age_name) <= max_age
         for gender_name in os.listdir(age_dir):
             gender_dir = os.path.join(age_dir, gender_name)
             if not os.path.isdir(gender_dir):
+                if is_image(gender_name):  # an image one level too high
+                    skipped.append(os.path.join(age_name, gender_name))
                 continue
             for name in os.listdir(gender_dir):
                 if not name.lower().endswith(_IMAGE_SUFFIXES):
