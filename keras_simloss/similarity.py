@@ -12,6 +12,7 @@ answer is class `i`. This module builds `S` from the sources a user has:
   embeddings (word vectors), clipped at 0, then Eq. 3.
 - `from_hierarchy(ancestors, similarities)`: classes that share a parent
   (e.g. CIFAR-100's superclasses) get a fixed similarity.
+- `from_confusion(confusion, lower_bound)`: classes a model confuses (Eq. 3).
 - `top_k(similarity, k)`: keeps only the `k` most similar classes per class,
   for label spaces too large for a dense matrix.
 
@@ -41,6 +42,7 @@ __all__ = [
     "OrdinalSimilarity",
     "Similarity",
     "SparseSimilarity",
+    "from_confusion",
     "from_embeddings",
     "from_hierarchy",
     "get",
@@ -144,6 +146,33 @@ def validate_matrix(matrix, name="similarity"):
     return array.astype(np.float32)
 
 
+def _eager_tensor(name, array):
+    """`array` as a backend tensor created outside any traced function."""
+    backend = keras.config.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.init_scope():
+            return tf.Variable(array, trainable=False, name=name)
+    if backend == "jax":
+        import jax
+
+        with jax.ensure_compile_time_eval():
+            return ops.convert_to_tensor(array)
+    if backend == "torch":
+        import torch
+
+        # On Keras's default device, named explicitly: the first call may
+        # come from Keras's symbolic build, which runs under the "meta"
+        # device (shapes only, no values), and a cached meta tensor would
+        # give garbage later. A graph break on the first call only: the
+        # tensor is made eagerly and `torch.compile` then reads it like any
+        # other captured tensor.
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.compiler.disable(torch.as_tensor)(array, device=device)
+    return ops.convert_to_tensor(array)
+
+
 class Similarity:
     """Base class of a `C x C` class similarity stored in compact form.
 
@@ -170,23 +199,24 @@ class Similarity:
     def _tensor(self, key, make_array):
         """The array `make_array()` as a tensor, made once and reused.
 
-        With TensorFlow it is held in a non-trainable `tf.Variable`, created
-        outside any traced function (`tf.init_scope`). A traced or XLA
-        function then reads it as an input, instead of embedding a copy of
-        the table as a constant in the graph and in every compiled program,
-        which for a 100,000-class embedding table cost several copies of it.
+        The first call may come from inside a traced function (`tf.function`,
+        `jax.jit`, `torch.compile`), yet the cached tensor outlives that
+        trace, so it is always created outside every trace (a tensor made
+        inside one would leak, e.g. JAX's `UnexpectedTracerError`):
+
+        - TensorFlow: a non-trainable `tf.Variable` made under
+          `tf.init_scope`. A traced or XLA function reads it as an input
+          instead of embedding a copy of the table as a constant in the
+          graph and in every compiled program.
+        - JAX: a concrete array made under `jax.ensure_compile_time_eval`.
+        - PyTorch: a plain tensor, made outside `torch.compile`'s graph.
         """
         cache = self.__dict__.setdefault("_tensors", {})
         if key not in cache:
-            array = make_array()
-            if keras.config.backend() == "tensorflow":
-                import tensorflow as tf
-
-                with tf.init_scope():
-                    cache[key] = tf.Variable(array, trainable=False, name=key)
-            else:
-                cache[key] = ops.convert_to_tensor(array)
-        return ops.convert_to_tensor(cache[key])
+            cache[key] = _eager_tensor(key, make_array())
+        if keras.config.backend() == "tensorflow":
+            return ops.convert_to_tensor(cache[key])  # a read of the variable
+        return cache[key]
 
     def _dense_tables(self):
         """`(S, log S)` as float32 NumPy arrays, built on first use."""
@@ -863,3 +893,96 @@ def get(identifier):
             f"Received: similarity={identifier!r}"
         )
     return MatrixSimilarity(identifier)
+
+
+def from_confusion(confusion, lower_bound=0.0):
+    """Similarity from the confusion matrix of an earlier model.
+
+    Classes that a model often mistakes for each other look alike to it, so
+    its confusion counts on held-out data say which mistakes are "near".
+    With counts `M[i, j]` (true class `i`, predicted `j`) and the row rates
+    `P[i, j] = M[i, j] / sum_k M[i, k]`:
+
+        sim(i, j) = min(1, (P[i, j] + P[j, i]) / (P[i, i] + P[j, j]))
+
+    i.e. how often the pair is confused (either way) relative to how often
+    its two classes are recognised; `sim(i, i) = 1`. It is symmetric, lies in
+    `[0, 1]`, is 0 for classes never confused and 1 for classes confused at
+    least as often as recognised (when both hit rates are 0, any confusion
+    counts as 1). Then Eq. 3: `S = max(0, sim - l) / (1 - l)`, diagonal 1.
+    A lower bound such as `0.05` removes the rare, chance confusions that a
+    small validation set always has.
+
+    Two-stage recipe: train with cross entropy, count the confusion on the
+    validation data (`keras_simloss.ConfusionMatrix`), build `S` here,
+    retrain with `SimLoss(S)`. For very many classes pass the result to
+    `top_k` to keep only the nearest classes.
+
+    Args:
+        confusion: array-like `(C, C)` of non-negative finite counts (weighted
+            counts are fine), rows the true classes; every class needs at
+            least one example (a non-zero row).
+        lower_bound: float `l` in `[0, 1)`. Defaults to `0.0`.
+
+    Returns:
+        A `MatrixSimilarity` (a confusion-derived matrix has no smaller exact
+        description, so the config holds the `C x C` matrix).
+
+    Example:
+
+    >>> counts = [[7, 3, 0], [2, 8, 0], [0, 0, 10]]
+    >>> s = from_confusion(counts)  # sim(0, 1) = (0.3 + 0.2) / (0.7 + 0.8)
+    >>> np.asarray(s, dtype=np.float64).round(4).tolist()
+    [[1.0, 0.3333, 0.0], [0.3333, 1.0, 0.0], [0.0, 0.0, 1.0]]
+
+    References:
+        Kobs et al., "SimLoss: Class Similarities in Cross Entropy", 2020,
+        Eq. 3. https://arxiv.org/abs/2003.03182
+        Related: Zhang et al., "Delving Deep into Label Smoothing" (Online
+        Label Smoothing), 2021. https://arxiv.org/abs/2011.12562
+    """
+    bound = _check_number("lower_bound", lower_bound, 0.0, 1.0)
+    if keras.ops.is_tensor(confusion):
+        confusion = ops.convert_to_numpy(confusion)
+    try:
+        counts = np.asarray(confusion, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            "Invalid value for argument `confusion`. Expected a square matrix "
+            f"of counts. Received: confusion of type {type(confusion).__name__} "
+            f"({error})"
+        ) from None
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or counts.shape[0] < 2:
+        raise ValueError(
+            "Invalid value for argument `confusion`. Expected a square matrix "
+            "of shape (C, C) with C >= 2. Received: confusion.shape="
+            f"{counts.shape}"
+        )
+    bad = ~np.isfinite(counts) | (counts < 0)
+    if np.any(bad):
+        i, j = (int(k) for k in np.argwhere(bad)[0])
+        raise ValueError(
+            "Invalid value for argument `confusion`. Expected non-negative "
+            f"finite counts. Received: confusion[{i}, {j}]={counts[i, j]}"
+        )
+    totals = counts.sum(axis=1)
+    if np.any(totals == 0):
+        i = int(np.argmax(totals == 0))
+        raise ValueError(
+            "Invalid value for argument `confusion`. Expected at least one "
+            "example of every class (a non-zero row; rows are the true "
+            f"classes). Received: row {i} of confusion is all zeros"
+        )
+    rates = counts / totals[:, None]
+    hits = np.diagonal(rates)
+    confused = rates + rates.T  # exactly symmetric: a + b == b + a
+    recognised = hits[:, None] + hits[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # Two classes that are never recognised: any confusion counts as 1.
+        sim = np.where(
+            recognised > 0, confused / recognised, (confused > 0).astype(float)
+        )
+    sim = np.minimum(sim, 1.0)
+    rescaled = np.maximum(sim - bound, 0.0) / (1.0 - bound)  # Eq. 3
+    np.fill_diagonal(rescaled, 1.0)
+    return MatrixSimilarity(rescaled)

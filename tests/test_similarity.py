@@ -7,7 +7,7 @@ from keras import ops
 
 from keras_simloss import similarity
 from keras_simloss.datasets import cifar100
-from tests.testing import assert_config_round_trip
+from tests.testing import JIT_COMPILE, assert_config_round_trip, softmax
 
 
 def _random_vectors(num_classes, dim, seed):
@@ -337,3 +337,76 @@ def test_bad_matrix_is_rejected(case):
 def test_builders_reject_bad_arguments(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+# Every kind of similarity, on the dense-table path and on the on-the-fly path
+# (threshold lowered on the instance: C = 6 > 2), as a model would use it.
+def _fit_cases():
+    num_classes = 6
+    vectors = _random_vectors(num_classes, 4, 7)
+    builders = {
+        "ordinal": lambda: similarity.ordinal(num_classes, 0.5),
+        "embeddings": lambda: similarity.from_embeddings(vectors, 0.1),
+        "hierarchy": lambda: similarity.from_hierarchy([0, 0, 1, 1, 2, 2], 0.4),
+        "matrix": lambda: similarity.MatrixSimilarity(
+            _ordinal_reference(num_classes, 0.3)
+        ),
+        "sparse": lambda: similarity.SparseSimilarity(
+            (np.arange(num_classes)[:, None] + np.array([[1, 2]])) % num_classes,
+            np.full((num_classes, 2), 0.5),
+        ),
+    }
+    cases = {}
+    for kind, build in builders.items():
+        if kind in ("ordinal", "embeddings", "hierarchy"):
+            cases[f"{kind}-table"] = (build, True)
+            cases[f"{kind}-on-the-fly"] = (build, False)
+        else:
+            cases[kind] = (build, kind == "matrix")
+    return cases
+
+
+FIT_CASES = _fit_cases()
+JIT_MODES = [False, True] if JIT_COMPILE else [False]
+
+
+@pytest.mark.parametrize("jit_compile", JIT_MODES, ids=lambda jit: f"jit={jit}")
+@pytest.mark.parametrize("case", list(FIT_CASES), ids=list(FIT_CASES))
+def test_fit_and_evaluate_on_the_active_backend(case, jit_compile):
+    # Cached tensors must be made outside every trace: on JAX a table cached
+    # during the first trace leaked a tracer (UnexpectedTracerError).
+    from keras_simloss import MistakeSeverity, SimLoss
+
+    build, dense_table = FIT_CASES[case]
+    sim = build()
+    if not dense_table and not isinstance(sim, similarity.SparseSimilarity):
+        sim.dense_table_max_classes = 2
+    assert sim._use_dense_table() is dense_table  # the path the id names
+    matrix = np.asarray(sim, np.float64)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(24, 3)).astype("float32")
+    y = rng.integers(0, sim.num_classes, size=24).astype("int32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(sim.num_classes)])
+    model.compile(
+        optimizer="adam",
+        loss=SimLoss(sim, from_logits=True),
+        metrics=[MistakeSeverity(sim)],
+        jit_compile=jit_compile,
+    )
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    loss, severity = model.evaluate(x, y, batch_size=8, verbose=0)
+    # Independent NumPy reference on the trained model's outputs.
+    logits = np.asarray(model.predict(x, batch_size=8, verbose=0), np.float64)
+    probabilities = softmax(logits)
+    expected_loss = np.mean(-np.log(np.sum(matrix[y] * probabilities, axis=-1)))
+    predicted = logits.argmax(axis=-1)
+    mistakes = predicted != y
+    expected_severity = (
+        np.sum(1.0 - matrix[y, predicted][mistakes]) / mistakes.sum()
+        if mistakes.any()
+        else 0.0
+    )
+    assert loss == pytest.approx(expected_loss, rel=1e-4, abs=1e-5)
+    assert severity == pytest.approx(expected_severity, rel=1e-4, abs=1e-5)
