@@ -1,11 +1,22 @@
+import re
+
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_simloss
 from keras_simloss import SimLoss, sim_loss, similarity
-from tests.testing import assert_config_round_trip, save_and_reload, softmax
+from tests.testing import (
+    BACKEND,
+    JIT_COMPILE,
+    assert_config_round_trip,
+    compile_function,
+    graph_function,
+    save_and_reload,
+    softmax,
+    to_numpy,
+    value_and_gradient,
+)
 
 
 def numpy_sim_loss(labels, probabilities, matrix, clip=False):
@@ -162,21 +173,23 @@ def test_extreme_logits_give_finite_loss_and_gradients(from_logits, sim_case):
             np.random.default_rng(0).normal(size=(6, 3)), 0.5
         ),
     }[sim_case]
-    raw = tf.Variable(
+    raw = np.array(
         [
             [1e4, -1e4, 0, 0, 0, 0],
             [-1e4, -1e4, -1e4, -1e4, -1e4, 1e4],
             [0, 0, 0, 0, 0, 0],
         ],
-        dtype=tf.float32,
+        np.float32,
     )
     loss = SimLoss(sim, from_logits=from_logits)
-    with tf.GradientTape() as tape:
-        inputs = tf.identity(raw) if from_logits else tf.nn.softmax(raw)
-        value = loss([5, 0, 3], inputs)
-    gradient = tape.gradient(value, raw)
+
+    def value_of(z):
+        inputs = z if from_logits else keras.ops.softmax(z)
+        return loss(np.array([5, 0, 3]), inputs)
+
+    value, gradient = value_and_gradient(value_of, raw)
     assert np.isfinite(float(value))
-    assert np.all(np.isfinite(gradient.numpy()))
+    assert np.all(np.isfinite(gradient))
     if from_logits:
         # Example 1: all mass on class 0, label 5, r = 0.5 -> the similarity
         # that survives is S[5, 0] = 0.5 ** 5 (dense) or 0 (sparse), so the
@@ -241,7 +254,7 @@ def test_fit_under_xla_with_sample_and_class_weights(from_logits):
         optimizer=keras.optimizers.Adam(1e-2),
         loss=SimLoss(similarity.ordinal(8, 0.5), from_logits=from_logits),
         metrics=[keras_simloss.ClassMeanAbsoluteError()],
-        jit_compile=True,
+        jit_compile=JIT_COMPILE,
     )
     weights = np.random.default_rng(1).uniform(0.5, 1.5, size=256).astype(np.float32)
     history = model.fit(x, y, sample_weight=weights, epochs=8, batch_size=64, verbose=0)
@@ -399,12 +412,10 @@ def test_structured_similarity_equals_dense_under_xla(kind, from_logits, reducti
 
     def compiled(sim):
         loss = SimLoss(sim, from_logits=from_logits, reduction=reduction)
-        return tf.function(
-            lambda y, p, w: loss(y, p, sample_weight=w), jit_compile=True
-        )
+        return compile_function(lambda y, p, w: loss(y, p, sample_weight=w))
 
-    ours = compiled(structured)(labels, inputs, weights).numpy()
-    reference = compiled(dense)(labels, inputs, weights).numpy()
+    ours = to_numpy(compiled(structured)(labels, inputs, weights))
+    reference = to_numpy(compiled(dense)(labels, inputs, weights))
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
     expected = numpy_sim_loss(
         labels, softmax(logits), np.asarray(structured), clip=not from_logits
@@ -440,7 +451,7 @@ def test_structured_similarities_train_under_xla_and_reload(tmp_path):
         optimizer=keras.optimizers.Adam(1e-2),
         loss=SimLoss(sparse, from_logits=True),
         metrics=[keras_simloss.MistakeSeverity(embeddings)],
-        jit_compile=True,
+        jit_compile=JIT_COMPILE,
     )
     history = model.fit(x, y, epochs=5, batch_size=32, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
@@ -449,3 +460,257 @@ def test_structured_similarities_train_under_xla_and_reload(tmp_path):
     assert loaded.evaluate(x, y, verbose=0, return_dict=True) == model.evaluate(
         x, y, verbose=0, return_dict=True
     )
+
+
+# Shapes of every rank (as Keras's SparseCategoricalCrossentropy) -------------
+
+
+IDENTITY_2 = np.eye(2)
+IDENTITY_3 = np.eye(3)
+
+
+# Ported from keras/src/losses/losses_test.py (SparseCategoricalCrossentropy),
+# with Keras's expected numbers: SimLoss with the identity similarity is SCCE.
+def test_keras_scce_cases_unweighted_and_weighted():
+    y_true = np.array([0, 1, 2])
+    y_pred = np.array(
+        [[0.9, 0.05, 0.05], [0.5, 0.89, 0.6], [0.05, 0.01, 0.94]], dtype="float32"
+    )
+    logits = np.array([[8.0, 1.0, 1.0], [0.0, 9.0, 1.0], [2.0, 3.0, 5.0]])
+    assert float(SimLoss(IDENTITY_3)(y_true, y_pred)) == pytest.approx(0.3239, abs=1e-3)
+    from_logits = SimLoss(IDENTITY_3, from_logits=True)
+    assert float(from_logits(y_true, logits)) == pytest.approx(0.0573, abs=1e-3)
+    column = y_true.reshape(3, 1)
+    assert float(SimLoss(IDENTITY_3)(column, y_pred, sample_weight=2.3)) == (
+        pytest.approx(0.7449, abs=1e-3)
+    )
+    weights = np.array([[1.2], [3.4], [5.6]])
+    assert float(SimLoss(IDENTITY_3)(column, y_pred, sample_weight=weights)) == (
+        pytest.approx(1.0696, abs=1e-3)
+    )
+    assert float(from_logits(column, logits, sample_weight=weights)) == (
+        pytest.approx(0.31829, abs=1e-3)
+    )
+    no_reduction = SimLoss(IDENTITY_3, from_logits=True, reduction=None)
+    np.testing.assert_allclose(
+        to_numpy(no_reduction(column, logits)),
+        (0.001822, 0.000459, 0.169846),
+        rtol=1e-3,
+        atol=1e-6,
+    )
+
+
+def test_keras_scce_binary_segmentation():
+    y_true = np.array([[0, 1, 1, 0], [1, 0, 1, 0], [0, 0, 1, 1], [1, 1, 0, 1]])
+    y_pred = np.array(
+        [
+            [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]],
+            [[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]],
+            [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]],
+            [[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]],
+        ]
+    )
+    assert float(SimLoss(IDENTITY_2)(y_true, y_pred)) == pytest.approx(0.0, abs=1e-5)
+    y_pred[0, 3] = [0.2, 0.8]
+    y_pred[3, 3] = [0.6, 0.4]
+    expected = np.array([-np.log(0.2), -np.log(0.4)])
+    assert float(SimLoss(IDENTITY_2)(y_true, y_pred)) == pytest.approx(
+        expected.sum() / 16.0, rel=1e-4
+    )
+
+
+def test_keras_scce_multi_class_segmentation_matches_keras():
+    rng = np.random.default_rng(31)
+    y_true = rng.integers(0, 3, size=(4, 4))
+    y_pred = softmax(rng.normal(size=(4, 4, 3))).astype(np.float32)
+    weights = rng.uniform(size=(4, 4)).astype(np.float32)
+    for sample_weight in (None, weights, weights[:, 0]):
+        ours = SimLoss(IDENTITY_3)(y_true, y_pred, sample_weight=sample_weight)
+        theirs = keras.losses.SparseCategoricalCrossentropy()(
+            y_true, y_pred, sample_weight=sample_weight
+        )
+        assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
+
+
+def test_sequences_with_similarity_match_numpy():
+    # Integer labels (B, T) against predictions (B, T, C) with T == C: class
+    # indices, never one-hot rows.
+    rng = np.random.default_rng(32)
+    sim = similarity.ordinal(4, 0.5)
+    y_true = rng.integers(0, 4, size=(3, 4))
+    logits = rng.normal(size=(3, 4, 4)).astype(np.float32)
+    got = to_numpy(SimLoss(sim, from_logits=True, reduction=None)(y_true, logits))
+    expected = numpy_sim_loss(
+        y_true.ravel(), softmax(logits.reshape(-1, 4)), np.asarray(sim)
+    ).reshape(3, 4)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    one_hot = np.eye(4)[y_true]
+    np.testing.assert_allclose(
+        to_numpy(SimLoss(sim, from_logits=True, reduction=None)(one_hot, logits)),
+        expected,
+        rtol=1e-5,
+    )
+
+
+BAD_SHAPES = {
+    "(b,1,C)-vs-(b,)": ((4,), (4, 1, 3)),
+    "labels-batch-1": ((1,), (4, 3)),
+    "labels-batch-differs": ((5, 1), (4, 3)),
+    "one-hot-wrong-width": ((4, 2), (4, 3)),
+    "too-many-label-axes": ((4, 3, 1, 1), (4, 3)),
+}
+
+
+@pytest.mark.parametrize("shapes", list(BAD_SHAPES.values()), ids=list(BAD_SHAPES))
+@pytest.mark.parametrize("where", ["eager", "compiled"])
+def test_incompatible_shapes_raise_naming_both(shapes, where):
+    label_shape, pred_shape = shapes
+    labels = np.zeros(label_shape, np.float32)
+    predictions = np.full(pred_shape, 1.0 / pred_shape[-1], np.float32)
+    loss = SimLoss(similarity.ordinal(pred_shape[-1], 0.5))
+    call = loss if where == "eager" else compile_function(lambda y, p: loss(y, p))
+    pattern = (
+        rf"y_true.shape={re.escape(str(label_shape))}, "
+        rf"y_pred.shape={re.escape(str(pred_shape))}"
+    )
+    with pytest.raises(ValueError, match=pattern):
+        call(labels, predictions)
+
+
+def test_fit_with_an_extra_output_axis_is_refused_not_broadcast():
+    # A (b, 1, C) output with (b,) labels used to pair every label with every
+    # prediction; now it is refused when the step is traced.
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(3), keras.layers.Reshape((1, 3))]
+    )
+    model.compile(loss=SimLoss(similarity.ordinal(3, 0.5), from_logits=True))
+    x = np.zeros((8, 4), np.float32)
+    with pytest.raises(ValueError, match=r"y_true.shape=\((8|None),\)"):
+        model.fit(x, np.zeros(8), epochs=1, verbose=0)
+
+
+# Bad label values ---------------------------------------------------------------
+
+BAD_LABELS = {"-1": -1.0, "C": 4.0, "1000": 1000.0, "nan": float("nan"), "2.5": 2.5}
+
+
+@pytest.mark.parametrize("bad", list(BAD_LABELS.values()), ids=list(BAD_LABELS))
+def test_bad_labels_raise_in_eager_mode(bad):
+    loss = SimLoss(similarity.ordinal(4, 0.5))
+    with pytest.raises(ValueError, match=r"Invalid value in `y_true`.*\[0, 4\)"):
+        loss(np.array([0.0, bad]), np.full((2, 4), 0.25, np.float32))
+
+
+def test_soft_labels_raise_in_eager_mode():
+    with pytest.raises(ValueError, match="must be one-hot"):
+        SimLoss(similarity.ordinal(3, 0.5))(
+            np.array([[0.9, 0.1, 0.0]]), np.full((1, 3), 1 / 3, np.float32)
+        )
+
+
+@pytest.mark.parametrize("bad", list(BAD_LABELS.values()), ids=list(BAD_LABELS))
+@pytest.mark.parametrize("mode", ["graph", "xla"])
+@pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probs"])
+def test_bad_labels_give_nan_inside_compiled_steps(bad, mode, from_logits):
+    """The bad example's loss is NaN, the others keep their exact values."""
+    sim = similarity.ordinal(4, 0.5)
+    loss = SimLoss(sim, from_logits=from_logits, reduction=None)
+    wrap = graph_function if mode == "graph" else compile_function
+    compiled = wrap(lambda y, p: loss(y, p))
+    logits = np.random.default_rng(33).normal(size=(3, 4)).astype(np.float32)
+    inputs = logits if from_logits else softmax(logits).astype(np.float32)
+    if BACKEND == "torch":
+        pytest.skip("PyTorch runs eagerly here; eager mode raises (tested above)")
+    got = to_numpy(compiled(np.array([0.0, bad, 3.0], np.float32), inputs))
+    assert np.isnan(got[1])
+    expected = numpy_sim_loss(
+        np.array([0, 3]), softmax(logits[[0, 2]]), np.asarray(sim)
+    )
+    np.testing.assert_allclose(got[[0, 2]], expected, rtol=1e-5)
+
+
+def test_bad_label_in_fit_makes_the_loss_nan_and_terminate_on_nan_stops():
+    if BACKEND == "torch":
+        pytest.skip("PyTorch's fit runs eagerly here, where a bad label raises")
+    keras.utils.set_random_seed(0)
+    x, y = _ordinal_data(64, 4, 3)
+    y = y.astype(np.float32)
+    y[5] = -1.0
+    model = _small_model(4)
+    model.compile(
+        optimizer="adam",
+        loss=SimLoss(similarity.ordinal(4, 0.5), from_logits=True),
+        metrics=[keras_simloss.ClassMeanAbsoluteError()],
+        jit_compile=JIT_COMPILE,
+    )
+    history = model.fit(
+        x,
+        y,
+        epochs=3,
+        batch_size=64,
+        verbose=0,
+        callbacks=[keras.callbacks.TerminateOnNaN()],
+    )
+    assert len(history.history["loss"]) == 1
+    assert np.isnan(history.history["loss"][0])
+    assert np.isnan(history.history["class_mae"][0])
+    # The weights stay finite: the bad example adds no gradient.
+    assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+
+
+# Gradients ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sim_case", ["ordinal", "embeddings", "hierarchy", "sparse", "matrix"]
+)
+@pytest.mark.parametrize("on_the_fly", [False, True], ids=["table", "on-the-fly"])
+def test_logit_gradient_is_softmax_minus_similarity_weighted_softmax(
+    sim_case, on_the_fly
+):
+    # dL/dz_c = softmax(z)_c - q_c with q_c = S[y, c] exp(z_c) / sum_k S[y, k]
+    # exp(z_k), for the per-example loss -log(sum_c S[y, c] softmax(z)_c).
+    rng = np.random.default_rng(34)
+    sim = {
+        "ordinal": similarity.ordinal(7, 0.6),
+        "embeddings": similarity.from_embeddings(rng.normal(size=(7, 3)), 0.1),
+        "hierarchy": similarity.from_hierarchy([0, 0, 1, 1, 1, 2, 2], 0.4),
+        "sparse": similarity.top_k(similarity.ordinal(7, 0.6), k=2),
+        "matrix": similarity.lower_bound(
+            np.asarray(similarity.from_embeddings(rng.normal(size=(7, 3)))), 0.2
+        ),
+    }[sim_case]
+    if on_the_fly:
+        sim.dense_table_max_classes = 0
+    logits = rng.normal(scale=2.0, size=(5, 7)).astype(np.float32)
+    labels = rng.integers(0, 7, size=5)
+    loss = SimLoss(sim, from_logits=True, reduction="sum")
+    _, gradient = value_and_gradient(lambda z: loss(labels, z), logits)
+    matrix = np.asarray(sim, np.float64)
+    weighted = matrix[labels] * np.exp(logits - logits.max(axis=1, keepdims=True))
+    q = weighted / weighted.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(gradient, softmax(logits) - q, rtol=1e-4, atol=1e-6)
+
+
+def test_probability_gradient_matches_finite_differences():
+    rng = np.random.default_rng(35)
+    sim = similarity.ordinal(5, 0.5)
+    probabilities = softmax(rng.normal(size=(3, 5))).astype(np.float64)
+    labels = np.array([0, 2, 4])
+    loss = SimLoss(sim, reduction="sum")
+    _, gradient = value_and_gradient(lambda p: loss(labels, p), probabilities)
+
+    def numpy_loss(p):
+        p = np.clip(p, 1e-7, 1 - 1e-7)
+        return np.sum(
+            np.log(p.sum(axis=1)) - np.log(np.sum(np.asarray(sim)[labels] * p, axis=1))
+        )
+
+    step = 1e-4
+    numeric = np.zeros_like(probabilities)
+    for index in np.ndindex(probabilities.shape):
+        up, down = probabilities.copy(), probabilities.copy()
+        up[index] += step
+        down[index] -= step
+        numeric[index] = (numpy_loss(up) - numpy_loss(down)) / (2 * step)
+    np.testing.assert_allclose(gradient, numeric, rtol=2e-3, atol=2e-3)

@@ -10,7 +10,7 @@ from keras_simloss import (
     SuperclassAccuracy,
     similarity,
 )
-from tests.testing import assert_config_round_trip
+from tests.testing import JIT_COMPILE, assert_config_round_trip
 
 NUM_CLASSES = 6
 SUPERCLASS_OF = np.array([0, 0, 1, 1, 1, 2])
@@ -194,7 +194,7 @@ def test_metrics_in_xla_compiled_evaluate_match_numpy():
     model.compile(
         loss="sparse_categorical_crossentropy",
         weighted_metrics=metrics,
-        jit_compile=True,
+        jit_compile=JIT_COMPILE,
     )
     result = model.evaluate(
         x, y, sample_weight=weights, batch_size=16, verbose=0, return_dict=True

@@ -32,3 +32,60 @@ def softmax(logits):
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=-1, keepdims=True)
+
+
+BACKEND = keras.config.backend()
+
+# `jit_compile=True` means XLA on TensorFlow and JAX; on PyTorch it means
+# `torch.compile`, which is not what these tests are about.
+JIT_COMPILE = BACKEND in ("tensorflow", "jax")
+
+
+def compile_function(function):
+    """`function` compiled as the backend would inside `fit`: XLA where there
+    is one (`tf.function(jit_compile=True)`, `jax.jit`), eager on PyTorch."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(function, jit_compile=True)
+    if BACKEND == "jax":
+        import jax
+
+        return jax.jit(function)
+    return function
+
+
+def graph_function(function):
+    """`function` traced without XLA (TensorFlow's graph mode), else jitted."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(function)
+    return compile_function(function)
+
+
+def value_and_gradient(function, x):
+    """`(f(x), df/dx)` as NumPy, for a scalar `function` of one array `x`."""
+    x = np.asarray(x, np.float32)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        variable = tf.Variable(x)
+        with tf.GradientTape() as tape:
+            value = function(variable)
+        return np.asarray(value), tape.gradient(value, variable).numpy()
+    if BACKEND == "jax":
+        import jax
+
+        value, gradient = jax.value_and_grad(function)(jax.numpy.asarray(x))
+        return np.asarray(value), np.asarray(gradient)
+    import torch
+
+    tensor = torch.tensor(x, requires_grad=True)
+    value = function(tensor)
+    value.backward()
+    return value.detach().cpu().numpy(), tensor.grad.detach().cpu().numpy()
+
+
+def to_numpy(x):
+    return keras.ops.convert_to_numpy(x)
