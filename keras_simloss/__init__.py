@@ -4,11 +4,14 @@
   (Kobs et al., 2020, https://arxiv.org/abs/2003.03182).
 - `keras_simloss.similarity`: builders of class-similarity matrices.
 - `keras_simloss.metrics`: metrics of how good the mistakes are.
+- `decode_ordinal`, `OrdinalDecoding`: argmax / median / mean read-outs of
+  ordered classes (e.g. ages).
 - `Distiller`, `SimilarityPreserving`: similarity-preserving knowledge
   distillation (Tung & Mori, 2019, https://arxiv.org/abs/1907.09682).
 """
 
-from keras_simloss import datasets, distillation, metrics, similarity
+from keras_simloss import datasets, decoding, distillation, metrics, similarity
+from keras_simloss.decoding import OrdinalDecoding, decode_ordinal
 from keras_simloss.distillation import (
     Distiller,
     SimilarityPreserving,
@@ -31,10 +34,13 @@ __all__ = [
     "Distiller",
     "FailedSuperclassAccuracy",
     "MistakeSeverity",
+    "OrdinalDecoding",
     "SimLoss",
     "SimilarityPreserving",
     "SuperclassAccuracy",
     "datasets",
+    "decode_ordinal",
+    "decoding",
     "distillation",
     "metrics",
     "sim_loss",

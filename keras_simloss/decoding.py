@@ -1,0 +1,235 @@
+"""Read a predicted distribution over ordered classes as one number.
+
+For ordered classes (ages, ratings, grades) with values `v_1 < ... < v_C`
+and a predicted distribution `p`, three read-outs are in use, each best for
+a different error measure:
+
+- `"argmax"`: `v[argmax_c p_c]`, the most likely class; maximises the chance
+  of an exact hit (accuracy).
+- `"median"`: `v[m]` with `m` the first class whose cumulative probability
+  `p_1 + ... + p_m` reaches 0.5; minimises the expected absolute error
+  (MAE) under `p`.
+- `"mean"`: `sum_c p_c v_c`, the expected value; minimises the expected
+  squared error (MSE) under `p`. It may fall between classes.
+
+`decode_ordinal` is the pure function (`keras.ops`, any backend, traceable
+under XLA); `OrdinalDecoding` is the same as a layer, to append to a trained
+classifier so that the exported model outputs an age.
+
+References:
+    Rothe, Timofte, Van Gool, "DEX: Deep EXpectation of apparent age from a
+    single image", ICCV Workshops 2015 (the mean read-out).
+    Paplham, Franc, "A Call to Reflect on Evaluation Practices for Age
+    Estimation", CVPR 2024. https://arxiv.org/abs/2307.04570
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_simloss import _utils
+
+__all__ = ["METHODS", "OrdinalDecoding", "decode_ordinal"]
+
+METHODS = ("argmax", "median", "mean")
+
+
+def _check_method(method):
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(
+            f"Invalid value for argument `method`. Expected one of {METHODS}. "
+            f"Received: method={method!r}"
+        )
+    return method
+
+
+def _check_class_values(class_values, method):
+    """Validates `class_values` (array-like); returns a float32 NumPy array.
+
+    Any finite 1-D array of at least 2 numbers is accepted for `"argmax"`
+    and `"mean"`; `"median"` also needs strictly increasing values, since
+    "the first class whose cumulative probability reaches 0.5" is the median
+    only when the classes are in the order of their values.
+    """
+    if class_values is None:
+        return None
+    try:
+        array = np.asarray(class_values, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            "Invalid value for argument `class_values`. Expected a 1-D array "
+            f"of numbers, one per class. Received: class_values of type "
+            f"{type(class_values).__name__} ({error})"
+        ) from None
+    if array.ndim != 1 or array.shape[0] < 2:
+        raise ValueError(
+            "Invalid value for argument `class_values`. Expected a 1-D array "
+            "of numbers, one per class (at least 2). Received: class_values "
+            f"of shape {array.shape}"
+        )
+    if not np.all(np.isfinite(array)):
+        raise ValueError(
+            "Invalid value for argument `class_values`. Expected finite "
+            f"values. Received: class_values={array.tolist()}"
+        )
+    if method == "median" and np.any(np.diff(array) <= 0):
+        i = int(np.argmax(np.diff(array) <= 0))
+        raise ValueError(
+            "Invalid value for argument `class_values`. Expected strictly "
+            'increasing values for method="median" (the classes must be in '
+            "the order of their values). Received: class_values"
+            f"[{i}]={array[i]}, class_values[{i + 1}]={array[i + 1]}"
+        )
+    return array.astype(np.float32)
+
+
+def _check_shape(y_pred, class_values):
+    """The number of classes of `y_pred`; checks `class_values` against it."""
+    num_classes = _utils.static_num_classes(y_pred)
+    if class_values is not None and class_values.shape[0] != num_classes:
+        raise ValueError(
+            "Invalid value for argument `class_values`. Expected one value per "
+            f"class, {num_classes} (the last axis of `y_pred`). Received: "
+            f"{class_values.shape[0]} class values for y_pred.shape="
+            f"{tuple(y_pred.shape)}"
+        )
+    return num_classes
+
+
+def _decode(y_pred, method, class_values, from_logits):
+    """`decode_ordinal` on already validated arguments."""
+    y_pred = ops.convert_to_tensor(y_pred)
+    num_classes = _check_shape(y_pred, class_values)
+    # float32 whatever the input dtype: a float16 cumulative sum over many
+    # classes would round the 0.5 crossing, and ages need more than 11 bits.
+    y_pred = ops.cast(y_pred, "float32")
+    if method == "argmax":
+        # Softmax keeps the order, so logits and probabilities give the same.
+        index = ops.argmax(y_pred, axis=-1)
+    else:
+        probabilities = ops.softmax(y_pred, axis=-1) if from_logits else y_pred
+        # Divide by the total (1 up to rounding) so that the read-out does not
+        # depend on whether the probabilities were normalised exactly.
+        total = ops.sum(probabilities, axis=-1)
+        if method == "mean":
+            values = (
+                ops.arange(num_classes, dtype="float32")
+                if class_values is None
+                else ops.convert_to_tensor(class_values)
+            )
+            return ops.sum(probabilities * values, axis=-1) / total
+        cumulative = ops.cumsum(probabilities, axis=-1)
+        # The cumulative sum only grows, so the number of classes still
+        # below half the mass is the index of the first one that reaches it.
+        below = cumulative < 0.5 * ops.expand_dims(total, -1)
+        index = ops.minimum(ops.sum(ops.cast(below, "int32"), axis=-1), num_classes - 1)
+    index = ops.cast(index, "int32")
+    if class_values is None:
+        return ops.cast(index, "float32")
+    return ops.take(ops.convert_to_tensor(class_values), index)
+
+
+def decode_ordinal(y_pred, method="argmax", class_values=None, from_logits=False):
+    """Turns predicted class distributions into values by an ordinal read-out.
+
+    With `v` the class values (the class indices `0, ..., C - 1` when
+    `class_values` is `None`) and `p` the predicted distribution:
+
+    - `"argmax"`: `v[argmax_c p_c]` (most likely class; best for accuracy);
+    - `"median"`: `v[m]`, `m` the first class with `p_1 + ... + p_m >= 0.5`
+      (minimises the expected absolute error);
+    - `"mean"`: `sum_c p_c v_c` (minimises the expected squared error).
+
+    Computed in float32 with `keras.ops`, so it runs on TensorFlow, JAX and
+    PyTorch and inside XLA. For `"median"` and `"mean"` the probabilities
+    are divided by their sum (1 up to rounding); an all-zero row of
+    probabilities gives class 0 for `"median"` and NaN for `"mean"`.
+
+    Args:
+        y_pred: tensor of shape `(..., C)`: logits (`from_logits=True`) or
+            probabilities. The last axis must have a known size.
+        method: `"argmax"`, `"median"` or `"mean"`. Defaults to `"argmax"`.
+        class_values: optional 1-D array-like of `C` finite numbers, the
+            value of each class (e.g. the ages `1, ..., 90`). Must be strictly
+            increasing for `"median"`. Defaults to `None`, the class indices.
+        from_logits: whether `y_pred` holds logits. Defaults to `False`.
+
+    Returns:
+        A float32 tensor of shape `y_pred.shape[:-1]`.
+
+    Example:
+
+    >>> p = np.array([[0.2, 0.1, 0.3, 0.4], [0.3, 0.3, 0.4, 0.0]])
+    >>> for method in METHODS:  # argmax 3 and 2; cumulative 0.2, 0.3, 0.6 ...
+    ...     print(method, np.asarray(decode_ordinal(p, method), np.float64).round(4))
+    argmax [3. 2.]
+    median [2. 1.]
+    mean [1.9 1.1]
+    >>> ages = decode_ordinal(p, "median", class_values=[10, 20, 30, 40])
+    >>> np.asarray(ages).tolist()
+    [30.0, 20.0]
+    """
+    method = _check_method(method)
+    return _decode(
+        y_pred, method, _check_class_values(class_values, method), from_logits
+    )
+
+
+@_utils.register
+class OrdinalDecoding(keras.layers.Layer):
+    """Layer that reads a class distribution as a value (e.g. an age).
+
+    Append it to a trained classifier to export a model that outputs the
+    value directly: `(..., C)` logits or probabilities in, `(...)` float32
+    values out, by `decode_ordinal`. It has no weights; its config holds the
+    arguments, so a saved model loads with `keras.models.load_model` and no
+    `custom_objects` once `keras_simloss` is imported.
+
+    Args:
+        method: `"argmax"`, `"median"` or `"mean"`. Defaults to `"median"`,
+            the read-out with the smallest expected absolute error.
+        class_values: optional 1-D array-like of `C` numbers, the value of
+            each class. Defaults to `None`, the class indices.
+        from_logits: whether the inputs are logits. Defaults to `False`.
+        **kwargs: base layer arguments (`name`, ...).
+
+    Example:
+
+    >>> import keras
+    >>> classifier = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+    >>> exported = keras.Sequential(
+    ...     [classifier, OrdinalDecoding("mean", [20, 30, 40], from_logits=True)]
+    ... )
+    >>> exported.predict(np.zeros((4, 2)), verbose=0).shape
+    (4,)
+    """
+
+    def __init__(self, method="median", class_values=None, from_logits=False, **kwargs):
+        super().__init__(**kwargs)
+        self.method = _check_method(method)
+        self.class_values = _check_class_values(class_values, self.method)
+        self.from_logits = bool(from_logits)
+        self.built = True  # no weights
+
+    def call(self, inputs):
+        return _decode(inputs, self.method, self.class_values, self.from_logits)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)[:-1]
+
+    def compute_output_spec(self, inputs):
+        _check_shape(inputs, self.class_values)
+        return keras.KerasTensor(tuple(inputs.shape)[:-1], dtype="float32")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "method": self.method,
+                "class_values": (
+                    None if self.class_values is None else self.class_values.tolist()
+                ),
+                "from_logits": self.from_logits,
+            }
+        )
+        return config
