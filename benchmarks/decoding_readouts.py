@@ -21,10 +21,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(_ROOT, "examples"))
 
+import age_estimation  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import age_estimation  # noqa: E402
 import keras_simloss  # noqa: E402
 from keras_simloss import similarity  # noqa: E402
 
@@ -124,8 +124,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     # The example's defaults: its data, model size and training schedule.
     _, example_args = age_estimation.parse_args([])
-    splits, test_labels, class_values, channels, description = (
-        age_estimation.load_data(example_args)
+    splits, test_labels, class_values, channels, description = age_estimation.load_data(
+        example_args
     )
     print(
         f"Data: {description}, {len(class_values)} classes, "
