@@ -772,8 +772,8 @@ class Distiller(keras.Model):
         return cls(**config)
 
 
-# The private Keras API that `_build_from_local_batch` relies on; a test
-# checks it is still there, so a Keras change fails loudly.
+# The private API of Keras's TensorFlow trainer that `_build_from_local_batch`
+# relies on; a test checks it is still there, so a Keras change fails loudly.
 KERAS_PRIVATE_BUILD_API = {
     "_maybe_symbolic_build": ("self", "iterator", "data_batch"),
     "_symbolic_build": ("self", "iterator", "data_batch"),

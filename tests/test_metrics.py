@@ -10,7 +10,12 @@ from keras_simloss import (
     SuperclassAccuracy,
     similarity,
 )
-from tests.testing import JIT_COMPILE, assert_config_round_trip
+from tests.testing import (
+    BACKEND,
+    JIT_COMPILE,
+    assert_config_round_trip,
+    compile_function,
+)
 
 NUM_CLASSES = 6
 SUPERCLASS_OF = np.array([0, 0, 1, 1, 1, 2])
@@ -220,3 +225,91 @@ def test_bad_arguments_and_inputs():
         SuperclassAccuracy(SUPERCLASS_OF).update_state([0], [[0.1, 0.2, 0.3, 0.4]])
     with pytest.raises(ValueError, match=r"in \[0, 6\)"):
         MistakeSeverity(SIMILARITY).update_state([7], np.full((1, 6), 1 / 6))
+
+
+# Direction, shapes and bad labels ------------------------------------------------
+
+DIRECTIONS = {
+    "mae": "down",
+    "mae-values": "down",
+    "mse": "down",
+    "mse-values": "down",
+    "sa": "up",
+    "fsa": "up",
+    "severity": "down",
+}
+
+
+@pytest.mark.parametrize("name", list(METRICS), ids=list(METRICS))
+def test_callbacks_in_auto_mode_know_the_direction(name, tmp_path):
+    cls, kwargs, _ = METRICS[name]
+    metric = cls(**kwargs)
+    assert metric._direction == DIRECTIONS[name]
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(32, 5)).astype(np.float32)
+    y = rng.integers(0, NUM_CLASSES, size=32)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(NUM_CLASSES)])
+    model.compile(
+        optimizer="adam", loss="sparse_categorical_crossentropy", metrics=[metric]
+    )
+    monitor = f"val_{metric.name}"
+    stop = keras.callbacks.EarlyStopping(monitor=monitor, patience=1)
+    best = keras.callbacks.ModelCheckpoint(
+        str(tmp_path / "best.keras"), monitor=monitor, save_best_only=True
+    )
+    model.fit(x, y, validation_data=(x, y), epochs=2, verbose=0, callbacks=[stop, best])
+    expected = keras.ops.greater if DIRECTIONS[name] == "up" else keras.ops.less
+    assert stop.monitor_op is expected and best.monitor_op is expected
+
+
+@pytest.mark.parametrize("name", list(METRICS), ids=list(METRICS))
+def test_sequence_labels_match_flat_labels(name):
+    # (B, T) labels against (B, T, C) predictions, with per-element weights,
+    # give the result of the flattened batch; T == C is no special case.
+    cls, kwargs, reference = METRICS[name]
+    y, logits, weights = _data(5, n=36)
+    metric = cls(**kwargs)
+    metric.update_state(
+        y.reshape(6, 6),
+        logits.reshape(6, 6, NUM_CLASSES),
+        sample_weight=weights.reshape(6, 6),
+    )
+    expected = reference(y, logits.argmax(-1), weights.astype(np.float64))
+    assert float(metric.result()) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", list(METRICS), ids=list(METRICS))
+def test_incompatible_shapes_raise(name):
+    cls, kwargs, _ = METRICS[name]
+    with pytest.raises(ValueError, match=r"y_true.shape=\(4,\), y_pred.shape="):
+        cls(**kwargs).update_state(np.zeros(4), np.zeros((4, 1, NUM_CLASSES)))
+    with pytest.raises(ValueError, match=r"y_true.shape=\(1,\), y_pred.shape="):
+        cls(**kwargs).update_state(np.zeros(1), np.zeros((4, NUM_CLASSES)))
+
+
+@pytest.mark.parametrize("name", list(METRICS), ids=list(METRICS))
+@pytest.mark.parametrize("bad", [-1.0, 6.0, 1000.0, float("nan"), 2.5])
+def test_bad_labels_make_the_compiled_result_nan(name, bad):
+    if BACKEND == "torch":
+        pytest.skip("PyTorch runs eagerly here, where a bad label raises")
+    cls, kwargs, _ = METRICS[name]
+    metric = cls(**kwargs)
+
+    def update(y, p):
+        metric.update_state(y, p)
+        return metric.numerator, metric.denominator
+
+    y, logits, _ = _data(6, n=4)
+    labels = y.astype(np.float32)
+    labels[2] = bad
+    if BACKEND == "tensorflow":
+        compile_function(update)(labels, logits)
+        assert np.isnan(float(metric.result()))
+    else:  # JAX: metric state is functional; check the stateless result.
+        state = [v.value for v in metric.variables]
+        state = compile_function(
+            lambda s, yy, p: metric.stateless_update_state(s, yy, p)
+        )(state, labels, logits)
+        assert np.isnan(float(metric.stateless_result(state)))
+    with pytest.raises(ValueError, match=r"Invalid value in `y_true`"):
+        cls(**kwargs).update_state(labels, logits)
