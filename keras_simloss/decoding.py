@@ -34,11 +34,12 @@ __all__ = ["METHODS", "OrdinalDecoding", "decode_ordinal"]
 METHODS = ("argmax", "median", "mean")
 
 
-def _check_method(method):
+def _check_method(method, argument="method"):
+    """Validates a read-out name; `argument` names it in the error."""
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(
-            f"Invalid value for argument `method`. Expected one of {METHODS}. "
-            f"Received: method={method!r}"
+            f"Invalid value for argument `{argument}`. Expected one of "
+            f"{METHODS}. Received: {argument}={method!r}"
         )
     return method
 
