@@ -4,20 +4,28 @@ Every metric here keeps two float32 sums over the epoch, a weighted numerator
 and a weighted denominator, and reports their ratio (0 when the denominator is
 0). A mean of per-batch means would be wrong with a ragged last batch or with
 sample weights; sums are not. Predictions are reduced with `argmax`, so
-logits and probabilities give the same result. Labels may be integer indices
-of shape `(batch,)` / `(batch, 1)` or one-hot rows of shape `(batch, C)`.
+logits and probabilities give the same result.
+
+Shapes are those of Keras's sparse metrics: predictions `(..., C)`, labels
+of shape `y_pred.shape[:-1]` (optionally with a trailing 1) or one-hot rows
+of `y_pred`'s shape; sample weights per example or per element. A label that
+is not a class raises a `ValueError` in eager mode and makes the result NaN
+inside a compiled step (as it makes `SimLoss` NaN). Each metric declares
+whether higher or lower is better, so Keras callbacks (`EarlyStopping`,
+`ModelCheckpoint(save_best_only=True)`) work in their default `mode="auto"`.
 """
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_simloss import _utils
+from keras_simloss import _utils, decoding
 from keras_simloss import similarity as similarity_lib
 
 __all__ = [
     "ClassMeanAbsoluteError",
     "ClassMeanSquaredError",
+    "ConfusionMatrix",
     "FailedSuperclassAccuracy",
     "MistakeSeverity",
     "SuperclassAccuracy",
@@ -29,12 +37,15 @@ _PACKAGE = "keras_simloss"
 class _RatioMetric(keras.metrics.Metric):
     """Weighted `sum(numerator) / sum(denominator)` over an epoch.
 
-    Subclasses set `num_classes` (or `None` for any) and implement
-    `_terms(labels, predicted)`, returning the per-example numerator and
-    denominator as float32 tensors of shape `(batch,)`.
+    Subclasses set `num_classes` (or `None` for any), `_direction` (`"up"`
+    when higher is better, `"down"` when lower is; Keras callbacks read it in
+    `mode="auto"`), and implement `_terms(labels, y_pred)`, which gets flat
+    int32 labels `(N,)` and float32 predictions `(N, C)` and returns the
+    per-example numerator and denominator as float32 tensors of shape `(N,)`.
     """
 
     num_classes = None
+    _direction = "up"
 
     def __init__(self, name, dtype=None):
         super().__init__(name=name, dtype=dtype)
@@ -45,22 +56,25 @@ class _RatioMetric(keras.metrics.Metric):
             shape=(), initializer="zeros", dtype="float32", name="denominator"
         )
 
-    def _terms(self, labels, predicted):
+    def _terms(self, labels, y_pred):
         raise NotImplementedError
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        y_pred = ops.convert_to_tensor(y_pred)
+        y_pred = ops.cast(ops.convert_to_tensor(y_pred), "float32")
         num_classes = _utils.static_num_classes(y_pred)
         if self.num_classes is not None:
             _utils.check_num_classes(self.num_classes, num_classes, type(self).__name__)
-        labels = _utils.sparse_labels(ops.convert_to_tensor(y_true), num_classes)
-        predicted = ops.cast(ops.argmax(y_pred, axis=-1), "int32")
-        numerator, denominator = self._terms(labels, predicted)
+        labels, valid = _utils.sparse_labels(y_true, y_pred)
+        numerator, denominator = self._terms(
+            ops.reshape(labels, (-1,)), ops.reshape(y_pred, (-1, num_classes))
+        )
+        # A label that is not a class (possible only inside compiled steps;
+        # eager mode raised) makes the result NaN, as it makes the loss NaN.
+        numerator = _utils.nan_where_invalid(
+            numerator, ops.reshape(valid, (-1,))
+        )
         if sample_weight is not None:
-            weight = ops.cast(ops.convert_to_tensor(sample_weight), "float32")
-            if len(weight.shape) == 2 and weight.shape[-1] == 1:
-                weight = ops.squeeze(weight, -1)
-            weight = ops.broadcast_to(weight, ops.shape(numerator))
+            weight = _broadcast_weight(sample_weight, labels)
             numerator = numerator * weight
             denominator = denominator * weight
         self.numerator.assign_add(ops.sum(numerator))
@@ -72,6 +86,32 @@ class _RatioMetric(keras.metrics.Metric):
 
     def get_config(self):
         return {"name": self.name, "dtype": self.dtype}
+
+
+def _broadcast_weight(sample_weight, labels):
+    """Sample weights as a flat `(N,)` float32 tensor matching `labels`.
+
+    As in Keras: per-example weights `(batch,)` / `(batch, 1)`, per-element
+    weights of the labels' shape (optionally with a trailing 1), or a scalar.
+    """
+    weight = ops.cast(ops.convert_to_tensor(sample_weight), "float32")
+    rank = len(labels.shape)
+    if len(weight.shape) == rank + 1 and weight.shape[-1] == 1:
+        weight = ops.squeeze(weight, -1)
+    if len(weight.shape) > rank:
+        raise ValueError(
+            "Invalid shape for argument `sample_weight`. Expected a scalar, "
+            "the labels' leading shape or the labels' shape. Received: "
+            f"sample_weight.shape={tuple(weight.shape)} for labels of shape "
+            f"{tuple(labels.shape)}"
+        )
+    while len(weight.shape) < rank:
+        weight = ops.expand_dims(weight, -1)
+    return ops.reshape(ops.broadcast_to(weight, ops.shape(labels)), (-1,))
+
+
+def _argmax(y_pred):
+    return ops.cast(ops.argmax(y_pred, axis=-1), "int32")
 
 
 def _check_class_array(name, values, integer):
@@ -98,25 +138,59 @@ def _check_class_array(name, values, integer):
 
 
 class _ClassDistanceMetric(_RatioMetric):
-    def __init__(self, class_values=None, name=None, dtype=None):
+    _direction = "down"
+
+    def __init__(
+        self,
+        class_values=None,
+        decode="argmax",
+        from_logits=False,
+        name=None,
+        dtype=None,
+    ):
         super().__init__(name=name, dtype=dtype)
+        if decode not in decoding.METHODS:
+            raise ValueError(
+                "Invalid value for argument `decode`. Expected one of "
+                f"{list(decoding.METHODS)}. Received: decode={decode!r}"
+            )
+        if not isinstance(from_logits, bool):
+            raise TypeError(
+                "Invalid type for argument `from_logits`. Expected a bool. "
+                f"Received: from_logits={from_logits!r}"
+            )
+        self.decode = decode
+        self.from_logits = from_logits
         if class_values is None:
             self.class_values = None
         else:
             self.class_values = _check_class_array("class_values", class_values, False)
             self.num_classes = self.class_values.shape[0]
+            # Checked here too (e.g. increasing values for the median).
+            decoding.decode_ordinal(
+                np.full((1, self.num_classes), 1.0 / self.num_classes, np.float32),
+                decode,
+                self.class_values,
+            )
 
-    def _difference(self, labels, predicted):
+    def _difference(self, labels, y_pred):
+        """Read-out minus true value, per example."""
         if self.class_values is None:
-            return ops.cast(predicted - labels, "float32")
-        values = ops.convert_to_tensor(self.class_values)
-        return ops.take(values, predicted) - ops.take(values, labels)
+            truth = ops.cast(labels, "float32")
+        else:
+            truth = ops.take(ops.convert_to_tensor(self.class_values), labels)
+        predicted = decoding.decode_ordinal(
+            y_pred, self.decode, self.class_values, self.from_logits
+        )
+        return predicted - truth
 
     def get_config(self):
         config = super().get_config()
         config["class_values"] = (
             None if self.class_values is None else self.class_values.tolist()
         )
+        config["decode"] = self.decode
+        config["from_logits"] = self.from_logits
         return config
 
 
@@ -124,13 +198,21 @@ class _ClassDistanceMetric(_RatioMetric):
 class ClassMeanAbsoluteError(_ClassDistanceMetric):
     """Mean absolute error between the predicted and the true class.
 
-    `mean |v[argmax(p)] - v[y]|` with `v` the class values (ages, ratings), or
-    the class indices when `class_values` is `None`. For ordinal tasks this is
-    the MAE of the SimLoss paper.
+    `mean |r(p) - v[y]|` with `v` the class values (ages, ratings), or the
+    class indices when `class_values` is `None`, and `r(p)` the read-out of
+    the predicted distribution, by default `v[argmax(p)]`. For ordinal tasks
+    this is the MAE of the SimLoss paper.
 
     Args:
         class_values: optional 1-D array, the value of each class (e.g. the
             age of each age class). Defaults to `None`, the class indices.
+        decode: the read-out of the predicted distribution:
+            `"argmax"` (the paper's), `"median"` (minimises the expected
+            absolute error) or `"mean"` (minimises the expected squared
+            error), see `keras_simloss.decode_ordinal`. Use the read-out
+            your model will be used with. Defaults to `"argmax"`.
+        from_logits: whether `y_pred` holds logits; matters for `"median"`
+            and `"mean"` only. Defaults to `False`.
         name: Defaults to `"class_mae"`.
         dtype: dtype of the result. Defaults to `None` (float32).
 
@@ -140,13 +222,24 @@ class ClassMeanAbsoluteError(_ClassDistanceMetric):
     >>> m.update_state([0, 2], [[0.1, 0.9, 0.0], [0.0, 0.2, 0.8]])
     >>> float(m.result())  # (|1 - 0| + |2 - 2|) / 2
     0.5
+    >>> m = ClassMeanAbsoluteError(decode="median")
+    >>> m.update_state([0, 2], [[0.4, 0.2, 0.4], [0.0, 0.2, 0.8]])
+    >>> float(m.result())  # medians 1 and 2: (1 + 0) / 2
+    0.5
     """
 
-    def __init__(self, class_values=None, name="class_mae", dtype=None):
-        super().__init__(class_values=class_values, name=name, dtype=dtype)
+    def __init__(
+        self,
+        class_values=None,
+        decode="argmax",
+        from_logits=False,
+        name="class_mae",
+        dtype=None,
+    ):
+        super().__init__(class_values, decode, from_logits, name=name, dtype=dtype)
 
-    def _terms(self, labels, predicted):
-        error = ops.abs(self._difference(labels, predicted))
+    def _terms(self, labels, y_pred):
+        error = ops.abs(self._difference(labels, y_pred))
         return error, ops.ones_like(error)
 
 
@@ -154,12 +247,20 @@ class ClassMeanAbsoluteError(_ClassDistanceMetric):
 class ClassMeanSquaredError(_ClassDistanceMetric):
     """Mean squared error between the predicted and the true class.
 
-    `mean (v[argmax(p)] - v[y])^2` with `v` the class values, or the class
-    indices when `class_values` is `None`.
+    `mean (r(p) - v[y])^2` with `v` the class values, or the class indices
+    when `class_values` is `None`, and `r(p)` the read-out, by default
+    `v[argmax(p)]`.
 
     Args:
         class_values: optional 1-D array, the value of each class. Defaults
             to `None`, the class indices.
+        decode: the read-out of the predicted distribution:
+            `"argmax"` (the paper's), `"median"` (minimises the expected
+            absolute error) or `"mean"` (minimises the expected squared
+            error), see `keras_simloss.decode_ordinal`. Use the read-out
+            your model will be used with. Defaults to `"argmax"`.
+        from_logits: whether `y_pred` holds logits; matters for `"median"`
+            and `"mean"` only. Defaults to `False`.
         name: Defaults to `"class_mse"`.
         dtype: dtype of the result. Defaults to `None` (float32).
 
@@ -171,11 +272,18 @@ class ClassMeanSquaredError(_ClassDistanceMetric):
     200.0
     """
 
-    def __init__(self, class_values=None, name="class_mse", dtype=None):
-        super().__init__(class_values=class_values, name=name, dtype=dtype)
+    def __init__(
+        self,
+        class_values=None,
+        decode="argmax",
+        from_logits=False,
+        name="class_mse",
+        dtype=None,
+    ):
+        super().__init__(class_values, decode, from_logits, name=name, dtype=dtype)
 
-    def _terms(self, labels, predicted):
-        error = ops.square(self._difference(labels, predicted))
+    def _terms(self, labels, y_pred):
+        error = ops.square(self._difference(labels, y_pred))
         return error, ops.ones_like(error)
 
 
@@ -218,7 +326,8 @@ class SuperclassAccuracy(_SuperclassMetric):
     def __init__(self, superclass_of, name="superclass_accuracy", dtype=None):
         super().__init__(superclass_of=superclass_of, name=name, dtype=dtype)
 
-    def _terms(self, labels, predicted):
+    def _terms(self, labels, y_pred):
+        predicted = _argmax(y_pred)
         correct = ops.cast(self._same_superclass(labels, predicted), "float32")
         return correct, ops.ones_like(correct)
 
@@ -247,7 +356,8 @@ class FailedSuperclassAccuracy(_SuperclassMetric):
     def __init__(self, superclass_of, name="failed_superclass_accuracy", dtype=None):
         super().__init__(superclass_of=superclass_of, name=name, dtype=dtype)
 
-    def _terms(self, labels, predicted):
+    def _terms(self, labels, y_pred):
+        predicted = _argmax(y_pred)
         mistake = labels != predicted
         rescued = ops.logical_and(mistake, self._same_superclass(labels, predicted))
         return ops.cast(rescued, "float32"), ops.cast(mistake, "float32")
@@ -281,7 +391,10 @@ class MistakeSeverity(_RatioMetric):
         self.similarity = similarity_lib.get(similarity)
         self.num_classes = self.similarity.num_classes
 
-    def _terms(self, labels, predicted):
+    _direction = "down"
+
+    def _terms(self, labels, y_pred):
+        predicted = _argmax(y_pred)
         mistake = ops.cast(labels != predicted, "float32")
         severity = 1.0 - self.similarity.pairs(labels, predicted)
         return severity * mistake, mistake
@@ -296,3 +409,87 @@ class MistakeSeverity(_RatioMetric):
         config = dict(config)
         config["similarity"] = similarity_lib.get(config["similarity"])
         return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ConfusionMatrix(keras.metrics.Metric):
+    """Weighted confusion matrix over an epoch: `counts[true, predicted]`.
+
+    `counts[i, j]` is the summed sample weight (the number of examples when
+    unweighted) of the examples of class `i` predicted as `j` (`argmax`, so
+    logits and probabilities give the same). It accumulates over the epoch
+    and `result()` returns the `(C, C)` counts. Labels, predictions and
+    sample weights take the same shapes as the other metrics here.
+
+    Use it on held-out data to build a class similarity for a second training
+    run, `keras_simloss.similarity.from_confusion(metric.result())`. Counts
+    are float32 sums, exact up to 2**24 (16.7 million) per cell. The result
+    is a matrix, not a scalar: read it from `evaluate(..., return_dict=True)`
+    or `History` (in `fit`'s progress bar it shows as the mean of its cells),
+    and do not monitor it with callbacks.
+
+    Args:
+        num_classes: int >= 2, the number of classes `C`.
+        name: Defaults to `"confusion_matrix"`.
+        dtype: dtype of the result. Defaults to `None` (float32).
+
+    Example:
+
+    >>> m = ConfusionMatrix(3)
+    >>> m.update_state([0, 0, 2], [[0.9, 0.1, 0], [0.2, 0.8, 0], [0, 0, 1]],
+    ...                sample_weight=[1.0, 2.0, 1.0])
+    >>> np.asarray(m.result()).tolist()  # true 0 -> predicted 1 with weight 2
+    [[1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    """
+
+    def __init__(self, num_classes, name="confusion_matrix", dtype=None):
+        super().__init__(name=name, dtype=dtype)
+        if (
+            isinstance(num_classes, bool)
+            or not isinstance(num_classes, (int, np.integer))
+            or num_classes < 2
+        ):
+            raise ValueError(
+                "Invalid value for argument `num_classes`. Expected an int >= "
+                f"2. Received: num_classes={num_classes!r}"
+            )
+        self.num_classes = int(num_classes)
+        self.counts = self.add_variable(
+            shape=(self.num_classes, self.num_classes),
+            initializer="zeros",
+            dtype="float32",
+            name="counts",
+        )
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_pred = ops.convert_to_tensor(y_pred)
+        num_classes = _utils.static_num_classes(y_pred)
+        if num_classes != self.num_classes:
+            raise ValueError(
+                f"`ConfusionMatrix` counts {self.num_classes} classes, but the "
+                f"predictions have {num_classes} (last axis of `y_pred`). "
+                f"Received: num_classes={self.num_classes}, "
+                f"y_pred.shape={tuple(y_pred.shape)}"
+            )
+        labels, valid = _utils.sparse_labels(y_true, y_pred)
+        predicted = ops.reshape(_argmax(y_pred), (-1,))
+        if sample_weight is None:
+            weight = ops.ones(ops.shape(predicted), "float32")
+        else:
+            weight = _broadcast_weight(sample_weight, labels)
+        # One scatter-add into the flattened C x C cells: O(batch + C^2),
+        # with no (batch, C) one-hot tensors.
+        cell = ops.reshape(labels, (-1,)) * self.num_classes + predicted
+        counts = ops.segment_sum(weight, cell, num_segments=self.num_classes**2)
+        counts = ops.reshape(counts, (self.num_classes, self.num_classes))
+        # A label that is not a class (only possible inside a compiled step;
+        # eager mode raised) makes every count NaN, as it makes the other
+        # metrics NaN, rather than being counted as class 0.
+        counts = ops.where(ops.all(valid), counts, float("nan"))
+        self.counts.assign_add(counts)
+
+    def result(self):
+        return ops.cast(self.counts, self.dtype)
+
+    def get_config(self):
+        return {"num_classes": self.num_classes, "name": self.name, "dtype": self.dtype}

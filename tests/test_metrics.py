@@ -15,6 +15,7 @@ from tests.testing import (
     JIT_COMPILE,
     assert_config_round_trip,
     compile_function,
+    softmax,
 )
 
 NUM_CLASSES = 6
@@ -313,3 +314,43 @@ def test_bad_labels_make_the_compiled_result_nan(name, bad):
         assert np.isnan(float(metric.stateless_result(state)))
     with pytest.raises(ValueError, match=r"Invalid value in `y_true`"):
         cls(**kwargs).update_state(labels, logits)
+
+
+def _numpy_readout(probabilities, method, values):
+    if method == "argmax":
+        return values[probabilities.argmax(-1)]
+    if method == "mean":
+        return probabilities @ values
+    cumulative = np.cumsum(probabilities, axis=-1)
+    return values[np.argmax(cumulative >= 0.5 - 1e-7, axis=-1)]
+
+
+@pytest.mark.parametrize("method", ["argmax", "median", "mean"])
+@pytest.mark.parametrize("values", [None, CLASS_VALUES], ids=["indices", "values"])
+@pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probs"])
+def test_decoded_mae_and_mse_match_numpy(method, values, from_logits):
+    y, logits, weights = _data(7)
+    probabilities = softmax(logits)
+    inputs = logits if from_logits else probabilities.astype(np.float32)
+    v = np.arange(NUM_CLASSES, dtype=np.float64) if values is None else values
+    error = _numpy_readout(probabilities, method, v) - v[y]
+    for cls, expected in (
+        (ClassMeanAbsoluteError, np.sum(weights * np.abs(error)) / np.sum(weights)),
+        (ClassMeanSquaredError, np.sum(weights * error**2) / np.sum(weights)),
+    ):
+        metric = cls(class_values=values, decode=method, from_logits=from_logits)
+        metric.update_state(y[:20], inputs[:20], sample_weight=weights[:20])
+        metric.update_state(y[20:], inputs[20:], sample_weight=weights[20:])
+        assert float(metric.result()) == pytest.approx(expected, rel=1e-4, abs=1e-5)
+        rebuilt, serialized = assert_config_round_trip(metric)
+        assert serialized["config"]["decode"] == method
+        assert rebuilt.from_logits is from_logits
+
+
+def test_decode_argument_is_checked():
+    with pytest.raises(ValueError, match=r"`decode`.*Received: decode='mode'"):
+        ClassMeanAbsoluteError(decode="mode")
+    with pytest.raises(TypeError, match=r"from_logits"):
+        ClassMeanSquaredError(from_logits="yes")
+    with pytest.raises(ValueError, match=r"increasing"):
+        ClassMeanAbsoluteError(class_values=[3.0, 2.0, 1.0], decode="median")
