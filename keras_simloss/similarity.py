@@ -96,6 +96,31 @@ def _check_num_classes(num_classes, name="num_classes"):
     return int(num_classes)
 
 
+def _real_array(value, name, expected, integer=False):
+    """`value` as a NumPy array of real numbers (or of integers).
+
+    `numpy.asarray(value, float)` would also take numeric strings ("0.5") and
+    drop the imaginary part of complex numbers, so the dtype is checked
+    before any conversion.
+    """
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as error:  # e.g. ragged nested lists
+        raise TypeError(
+            f"Invalid type for argument `{name}`. Expected {expected} of "
+            f"{'integers' if integer else 'real numbers'}. Received: {name} of "
+            f"type {type(value).__name__} ({error})"
+        ) from None
+    kinds = "iu" if integer else "biuf"
+    if array.dtype.kind not in kinds:
+        raise TypeError(
+            f"Invalid type for argument `{name}`. Expected {expected} of "
+            f"{'integers' if integer else 'real numbers'}. Received: {name} of "
+            f"dtype {array.dtype}"
+        )
+    return array
+
+
 def validate_matrix(matrix, name="similarity"):
     """Checks that `matrix` is a valid class similarity; returns it as float32.
 
@@ -109,14 +134,7 @@ def validate_matrix(matrix, name="similarity"):
     Returns:
         A `float32` NumPy array of shape `(C, C)`.
     """
-    try:
-        array = np.asarray(matrix, dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise TypeError(
-            f"Invalid value for argument `{name}`. Expected a square matrix of "
-            f"numbers. Received: {name} of type {type(matrix).__name__} "
-            f"({error})"
-        ) from None
+    array = _real_array(matrix, name, "a square matrix").astype(np.float64)
     if array.ndim != 2 or array.shape[0] != array.shape[1] or array.shape[0] < 2:
         raise ValueError(
             f"Invalid value for argument `{name}`. Expected a square matrix of "
@@ -144,6 +162,41 @@ def validate_matrix(matrix, name="similarity"):
             f"{name}[{i}, {i}]={diagonal[i]}"
         )
     return array.astype(np.float32)
+
+
+def _int32(x):
+    return ops.cast(_as_tensor(x), "int32")
+
+
+def _float32(x):
+    return ops.cast(_as_tensor(x), "float32")
+
+
+def _as_tensor(x):
+    """`x` as a tensor; on TensorFlow a `tf.Variable` is read (some ops need
+    a tensor's `ndim`, which a variable lacks)."""
+    x = ops.convert_to_tensor(x)
+    if keras.config.backend() == "tensorflow":
+        import tensorflow as tf
+
+        if isinstance(x, tf.Variable):
+            x = tf.convert_to_tensor(x)
+    return x
+
+
+def _spread(terms, positions, like):
+    """Per-class values: `terms` itself for whole rows, else `terms` placed at
+    `positions` in a zero tensor shaped `like` (summed where they repeat)."""
+    if positions is None:
+        return terms
+    batch = ops.shape(positions)[0]
+    rows = ops.broadcast_to(
+        ops.expand_dims(ops.arange(batch, dtype="int32"), -1), ops.shape(positions)
+    )
+    coordinates = ops.reshape(ops.stack([rows, positions], axis=-1), (-1, 2))
+    return ops.scatter_update(
+        ops.zeros_like(like), coordinates, ops.reshape(terms, (-1,)), reduction="add"
+    )
 
 
 def _eager_tensor(name, array):
@@ -214,9 +267,7 @@ class Similarity:
         cache = self.__dict__.setdefault("_tensors", {})
         if key not in cache:
             cache[key] = _eager_tensor(key, make_array())
-        if keras.config.backend() == "tensorflow":
-            return ops.convert_to_tensor(cache[key])  # a read of the variable
-        return cache[key]
+        return _as_tensor(cache[key])  # on TensorFlow, a read of the variable
 
     def _dense_tables(self):
         """`(S, log S)` as float32 NumPy arrays, built on first use."""
@@ -260,15 +311,91 @@ class Similarity:
 
         Computed as `logsumexp(z + log S[y])`: entries with similarity 0 get
         `-inf` and drop out, and the unit diagonal keeps one finite term.
+
+        Its gradient is given in closed form, `d/dz_c = q_c` with
+        `q_c = S[y, c] exp(z_c) / sum_k S[y, k] exp(z_k)`, and the rows of `S`
+        are recomputed in the backward pass (a gather from the table, or the
+        on-the-fly rows) rather than kept from the forward pass, so training
+        holds no `batch x C` buffer beyond the gradient itself (SimLoss's
+        gradient is `softmax(z) - q`, as cross entropy's is
+        `softmax(z) - onehot(y)`). It has no second derivative.
+
+        Args:
+            labels: integer class indices of shape `(batch,)`.
+            logits: float tensor of shape `(batch, C)`; computed in float32.
+
+        Returns:
+            A float32 tensor of shape `(batch,)`.
         """
-        return ops.logsumexp(logits + self.log_rows(labels), axis=-1)
+        labels = _int32(labels)
+        logits = _float32(logits)
+
+        @ops.custom_gradient
+        def function(logits, labels):
+            terms, positions = self._log_terms(labels, logits)
+            value = ops.logsumexp(terms, axis=-1)
+
+            def gradient(*args, upstream=None):
+                upstream = args[0] if upstream is None else upstream
+                terms, positions = self._log_terms(labels, logits)  # recomputed
+                q = ops.exp(terms - ops.expand_dims(value, -1))
+                q = q * ops.expand_dims(upstream, -1)
+                return _spread(q, positions, logits), None
+
+            return value, gradient
+
+        return function(logits, labels)
 
     def weighted_sum(self, labels, probabilities):
-        """`sum_c S[y, c] * p_c` for each example; shape `(batch,)`."""
-        return ops.sum(self.rows(labels) * probabilities, axis=-1)
+        """`sum_c S[y, c] * p_c` for each example; shape `(batch,)`.
+
+        Its gradient, `d/dp_c = S[y, c]`, recomputes the rows in the backward
+        pass instead of keeping them from the forward pass. It has no second
+        derivative.
+
+        Args:
+            labels: integer class indices of shape `(batch,)`.
+            probabilities: float tensor of shape `(batch, C)`; computed in
+                float32.
+
+        Returns:
+            A float32 tensor of shape `(batch,)`.
+        """
+        labels = _int32(labels)
+        probabilities = _float32(probabilities)
+
+        @ops.custom_gradient
+        def function(probabilities, labels):
+            weights, values, positions = self._weight_terms(labels, probabilities)
+            value = ops.sum(weights * values, axis=-1)
+
+            def gradient(*args, upstream=None):
+                upstream = args[0] if upstream is None else upstream
+                weights, _, positions = self._weight_terms(labels, probabilities)
+                weights = weights * ops.expand_dims(upstream, -1)
+                return _spread(weights, positions, probabilities), None
+
+            return value, gradient
+
+        return function(probabilities, labels)
 
     def pairs(self, labels, classes):
         """`S[labels[i], classes[i]]` for each example; shape `(batch,)`."""
+        return self._pairs(_int32(labels), _int32(classes))
+
+    # The per-kind pieces of the three methods above. `positions` is `None`
+    # when the terms are whole rows `(batch, C)`, else the class index of
+    # each term `(batch, n)` (a sparse similarity's own class and neighbours).
+
+    def _log_terms(self, labels, logits):
+        """`z_c + log S[y, c]` for the classes that count, and their classes."""
+        return logits + self.log_rows(labels), None
+
+    def _weight_terms(self, labels, probabilities):
+        """`(S[y, c], p_c)` for the classes that count, and their classes."""
+        return self.rows(labels), probabilities, None
+
+    def _pairs(self, labels, classes):
         picked = ops.take_along_axis(
             self.rows(labels), ops.expand_dims(classes, -1), axis=-1
         )
@@ -395,14 +522,7 @@ class EmbeddingSimilarity(Similarity):
     """
 
     def __init__(self, vectors, lower_bound=0.0):
-        try:
-            table = np.asarray(vectors, dtype=np.float32)
-        except (TypeError, ValueError) as error:
-            raise TypeError(
-                "Invalid value for argument `vectors`. Expected an array of "
-                f"shape (num_classes, dim). Received: {type(vectors).__name__} "
-                f"({error})"
-            ) from None
+        table = _real_array(vectors, "vectors", "an array").astype(np.float32)
         if table.ndim != 2 or table.shape[0] < 2 or table.shape[1] < 1:
             raise ValueError(
                 "Invalid value for argument `vectors`. Expected shape "
@@ -425,9 +545,24 @@ class EmbeddingSimilarity(Similarity):
         self.vectors = table
         self.lower_bound = _check_number("lower_bound", lower_bound, 0.0, 1.0)
         self.num_classes = table.shape[0]
-        # Only C extra numbers: cos(a, b) = (a . b) / (|a| |b|) with the
-        # inverse norms kept, rather than a second, normalised C x d table.
-        self._inverse_norms = (1.0 / norms).astype(np.float32)
+        self._norms = norms  # float64, C numbers
+
+    def _unit_vectors(self, classes=None, dtype=np.float32):
+        """Rows of the table scaled to unit length (all rows by default).
+
+        Normalised in float64 before any product: in float32, dot products
+        of raw vectors overflow for entries near 1e19 and underflow near
+        1e-19, while unit vectors give dot products in [-1, 1] at any scale.
+        """
+        if classes is None:
+            vectors, norms = self.vectors, self._norms
+        else:
+            vectors, norms = self.vectors[classes], self._norms[classes]
+        return (vectors.astype(np.float64) / norms[:, None]).astype(dtype)
+
+    def _unit_tensor(self):
+        # The loss holds the unit table only (one C x d table, as before).
+        return self._tensor("unit_vectors", self._unit_vectors)
 
     def _from_cosine(self, cosine, same_class):
         # Rounding can push a self-cosine a little above 1: clip into [0, 1]
@@ -440,35 +575,25 @@ class EmbeddingSimilarity(Similarity):
         return ops.where(same_class, 1.0, similarity)
 
     def _compute_rows(self, labels):
-        vectors = self._tensor("vectors", lambda: self.vectors)
-        inverse_norms = self._tensor("inverse_norms", lambda: self._inverse_norms)
+        unit = self._unit_tensor()
         # (b, d) x (d, C): the only O(b C d) work; no C x C matrix is formed.
-        dots = ops.matmul(ops.take(vectors, labels, axis=0), ops.transpose(vectors))
-        cosine = (
-            dots * ops.expand_dims(ops.take(inverse_norms, labels), -1) * inverse_norms
-        )
+        cosine = ops.matmul(ops.take(unit, labels, axis=0), ops.transpose(unit))
         same_class = ops.expand_dims(labels, -1) == ops.arange(
             self.num_classes, dtype="int32"
         )
         return self._from_cosine(cosine, same_class)
 
-    def pairs(self, labels, classes):
+    def _pairs(self, labels, classes):
         # Two vectors per example instead of a whole row.
-        vectors = self._tensor("vectors", lambda: self.vectors)
-        inverse_norms = self._tensor("inverse_norms", lambda: self._inverse_norms)
-        dots = ops.sum(
-            ops.take(vectors, labels, axis=0) * ops.take(vectors, classes, axis=0),
-            axis=-1,
-        )
-        cosine = (
-            dots * ops.take(inverse_norms, labels) * ops.take(inverse_norms, classes)
+        unit = self._unit_tensor()
+        cosine = ops.sum(
+            ops.take(unit, labels, axis=0) * ops.take(unit, classes, axis=0), axis=-1
         )
         return self._from_cosine(cosine, labels == classes)
 
     def numpy_rows(self, classes):
         classes = np.asarray(classes)
-        vectors = self.vectors.astype(np.float64)
-        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        unit = self._unit_vectors(dtype=np.float64)
         similarity = np.clip(unit[classes] @ unit.T, 0.0, 1.0)
         similarity = np.maximum(similarity - self.lower_bound, 0.0) / (
             1.0 - self.lower_bound
@@ -539,7 +664,7 @@ class HierarchySimilarity(Similarity):
         )
         return ops.where(same_class, 1.0, result)
 
-    def pairs(self, labels, classes):
+    def _pairs(self, labels, classes):
         result = ops.zeros(ops.shape(labels), "float32")
         for index, (level, value) in enumerate(zip(self.ancestors, self.similarities)):
             ancestor_of = self._tensor(
@@ -595,14 +720,9 @@ class SparseSimilarity(Similarity):
     """
 
     def __init__(self, indices, values):
-        indices = np.asarray(indices)
-        values = np.asarray(values, dtype=np.float32)
-        if (
-            indices.ndim != 2
-            or indices.shape != values.shape
-            or indices.shape[0] < 2
-            or not np.issubdtype(indices.dtype, np.integer)
-        ):
+        indices = _real_array(indices, "indices", "an array", integer=True)
+        values = _real_array(values, "values", "an array").astype(np.float64)
+        if indices.ndim != 2 or indices.shape != values.shape or indices.shape[0] < 2:
             raise ValueError(
                 "Invalid value for arguments `indices` and `values`. Expected "
                 "an integer array and a float array of the same shape "
@@ -617,12 +737,14 @@ class SparseSimilarity(Similarity):
                 f"in [0, {num_classes}). Received: "
                 f"{indices[(indices < 0) | (indices >= num_classes)][:5].tolist()}"
             )
-        if not np.all(np.isfinite(values)) or np.any((values < 0) | (values > 1)):
+        bad = ~((values >= 0) & (values <= 1))  # NaN fails both comparisons
+        if np.any(bad):
+            i, j = (int(n) for n in np.argwhere(bad)[0])
             raise ValueError(
                 "Invalid value for argument `values`. Expected finite values "
-                "in [0, 1]. Received: values with min "
-                f"{np.nanmin(values)} and max {np.nanmax(values)}"
+                f"in [0, 1]. Received: values[{i}, {j}]={values[i, j]}"
             )
+        values = values.astype(np.float32)
         used = values > 0
         own = indices == np.arange(num_classes)[:, None]
         if np.any(own & used):
@@ -666,21 +788,30 @@ class SparseSimilarity(Similarity):
             ops.sum(spread, axis=1), ops.one_hot(labels, self.num_classes)
         )
 
-    def log_weighted_sum_exp(self, labels, logits):
+    def _positions_and_weights(self, labels):
+        """The own class and the `k` neighbours, `(batch, k + 1)`, and `S`."""
         indices, values = self._neighbours(labels)
-        own = ops.take_along_axis(logits, ops.expand_dims(labels, -1), axis=-1)
-        neighbours = ops.take_along_axis(logits, indices, axis=-1) + ops.log(values)
-        # The true class enters with log S = log 1 = 0; unused slots have
-        # log 0 = -inf and drop out of the logsumexp.
-        return ops.logsumexp(ops.concatenate([own, neighbours], axis=-1), axis=-1)
+        positions = ops.concatenate([ops.expand_dims(labels, -1), indices], axis=-1)
+        weights = ops.concatenate([ops.ones_like(values[:, :1]), values], axis=-1)
+        return positions, weights
 
-    def weighted_sum(self, labels, probabilities):
-        indices, values = self._neighbours(labels)
-        own = ops.take_along_axis(probabilities, ops.expand_dims(labels, -1), axis=-1)
-        neighbours = ops.take_along_axis(probabilities, indices, axis=-1)
-        return ops.squeeze(own, -1) + ops.sum(values * neighbours, axis=-1)
+    def _log_terms(self, labels, logits):
+        # k + 1 logits per example instead of a row of C. The true class
+        # enters with log S = log 1 = 0; unused slots have log 0 = -inf and
+        # drop out of the logsumexp.
+        positions, weights = self._positions_and_weights(labels)
+        terms = ops.take_along_axis(logits, positions, axis=-1) + ops.log(weights)
+        return terms, positions
 
-    def pairs(self, labels, classes):
+    def _weight_terms(self, labels, probabilities):
+        positions, weights = self._positions_and_weights(labels)
+        return (
+            weights,
+            ops.take_along_axis(probabilities, positions, axis=-1),
+            positions,
+        )
+
+    def _pairs(self, labels, classes):
         indices, values = self._neighbours(labels)
         match = ops.cast(indices == ops.expand_dims(classes, -1), "float32")
         return ops.where(labels == classes, 1.0, ops.sum(values * match, axis=-1))
@@ -845,6 +976,15 @@ def top_k(similarity, k, batch_size=1024):
     """
     source = get(similarity)
     num_classes = source.num_classes
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, (int, np.integer))
+        or batch_size < 1
+    ):
+        raise ValueError(
+            "Invalid value for argument `batch_size`. Expected an int >= 1. "
+            f"Received: batch_size={batch_size!r}"
+        )
     if (
         isinstance(k, bool)
         or not isinstance(k, (int, np.integer))

@@ -7,7 +7,13 @@ from keras import ops
 
 from keras_simloss import similarity
 from keras_simloss.datasets import cifar100
-from tests.testing import JIT_COMPILE, assert_config_round_trip, softmax
+from tests.testing import (
+    JIT_COMPILE,
+    assert_config_round_trip,
+    compile_function,
+    softmax,
+    value_and_gradient,
+)
 
 
 def _random_vectors(num_classes, dim, seed):
@@ -97,19 +103,45 @@ def test_dense_matrix_matches_numpy_reference(case):
     np.testing.assert_array_equal(np.diagonal(matrix), 1.0)
 
 
+@pytest.mark.parametrize("dense_table", [True, False], ids=["table", "on-the-fly"])
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_rows_and_pairs_in_graph_match_dense(case):
+def test_rows_and_pairs_in_graph_match_dense(case, dense_table):
     sim = CASES[case][0]()
+    if not dense_table:
+        if isinstance(sim, similarity.MatrixSimilarity):
+            pytest.skip("a matrix is always a table")
+        sim.dense_table_max_classes = 1  # compute the rows on the fly
+    elif isinstance(sim, similarity.SparseSimilarity):
+        pytest.skip("neighbour lists are never a table")
+    assert sim._use_dense_table() is dense_table  # the path the id names
     dense = np.asarray(sim)
     labels = np.arange(sim.num_classes, dtype=np.int32)[::-1].copy()
     classes = np.roll(labels, 1)
-    np.testing.assert_allclose(
-        ops.convert_to_numpy(sim.rows(labels)), dense[labels], atol=1e-6
+    logits = np.random.default_rng(0).normal(size=(sim.num_classes,) * 2)
+    logits = logits.astype("float32")
+
+    def outputs(labels, classes, logits):
+        return (
+            sim.rows(labels),
+            sim.log_rows(labels),
+            sim.pairs(labels, classes),
+            sim.log_weighted_sum_exp(labels, logits),
+            sim.weighted_sum(labels, ops.softmax(logits)),
+        )
+
+    rows, log_rows, pairs, log_sum, weighted = (
+        ops.convert_to_numpy(x)
+        for x in compile_function(outputs)(labels, classes, logits)
     )
+    np.testing.assert_allclose(rows, dense[labels], atol=1e-6)
+    with np.errstate(divide="ignore"):
+        np.testing.assert_allclose(np.exp(log_rows), dense[labels], atol=1e-6)
+    np.testing.assert_allclose(pairs, dense[labels, classes], atol=1e-6)
+    # log(sum_c S[y, c] exp(z_c)) and sum_c S[y, c] p_c, in float64.
+    expected = dense[labels].astype(np.float64) * np.exp(logits.astype(np.float64))
+    np.testing.assert_allclose(log_sum, np.log(expected.sum(-1)), rtol=1e-5)
     np.testing.assert_allclose(
-        ops.convert_to_numpy(sim.pairs(labels, classes)),
-        dense[labels, classes],
-        atol=1e-6,
+        weighted, (dense[labels] * softmax(logits)).sum(-1), rtol=1e-5
     )
 
 
@@ -410,3 +442,203 @@ def test_fit_and_evaluate_on_the_active_backend(case, jit_compile):
     )
     assert loss == pytest.approx(expected_loss, rel=1e-4, abs=1e-5)
     assert severity == pytest.approx(expected_severity, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [-1, 0, 2.5, True], ids=str)
+def test_top_k_rejects_bad_batch_size(batch_size):
+    with pytest.raises((ValueError, TypeError), match=r"`batch_size`.*batch_size="):
+        similarity.top_k(similarity.ordinal(4, 0.5), k=1, batch_size=batch_size)
+
+
+@pytest.mark.parametrize(
+    "indices, values, error, message",
+    [
+        ([[1], [0]], [["0.5"], ["0.5"]], TypeError, r"`values`.*dtype"),
+        ([[1], [0]], [["a"], ["b"]], TypeError, r"`values`.*dtype"),
+        ([["1"], ["0"]], [[0.5], [0.5]], TypeError, r"`indices`.*dtype"),
+        ([[1], [0]], [[0.5 + 1j], [0.5]], TypeError, r"`values`.*dtype"),
+        ([[1], [0]], [[np.nan], [0.5]], ValueError, r"values\[0, 0\]=nan"),
+        ([[1], [0]], [[0.5], [-np.inf]], ValueError, r"values\[1, 0\]=-inf"),
+    ],
+    ids=["numeric-strings", "strings", "string-indices", "complex", "nan", "inf"],
+)
+def test_sparse_rejects_non_numeric_and_names_the_bad_value(
+    indices, values, error, message
+):
+    with pytest.raises(error, match=message):
+        similarity.SparseSimilarity(indices, values)
+
+
+@pytest.mark.parametrize(
+    "matrix",
+    [
+        np.array([[1.0, 0.5j], [0.5, 1.0]]),
+        [["1", "0.5"], ["0.5", "1"]],
+        np.array([[1.0, 0.5], [0.5, 1.0]], dtype=object),
+    ],
+    ids=["complex", "numeric-strings", "object"],
+)
+def test_matrix_must_hold_real_numbers(matrix):
+    with pytest.raises(TypeError, match=r"`matrix`.*real numbers"):
+        similarity.MatrixSimilarity(matrix)
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e-19, 1e30, 1e-30], ids=str)
+@pytest.mark.parametrize("dense_table", [True, False], ids=["table", "on-the-fly"])
+def test_embedding_rows_are_scale_invariant(scale, dense_table):
+    # Cosines do not depend on the vectors' scale; in float32, raw dot
+    # products of 1e19-scaled vectors overflow and of 1e-19-scaled ones
+    # underflow, so the vectors must be normalised first.
+    vectors = _random_vectors(8, 5, 11)
+    sim = similarity.EmbeddingSimilarity(vectors * scale, 0.2)
+    if not dense_table:
+        sim.dense_table_max_classes = 2
+    assert sim._use_dense_table() is dense_table
+    expected = _embedding_reference(vectors, 0.2)
+    labels = np.arange(8, dtype="int32")
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(sim.rows(labels)), expected, atol=1e-5
+    )
+    classes = np.roll(labels, 3)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(sim.pairs(labels, classes)),
+        expected[labels, classes],
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(np.asarray(sim), expected, atol=1e-6)
+
+
+def _value_and_gradient(function, x, compiled):
+    """`value_and_gradient`, optionally inside one XLA-compiled function."""
+    if not compiled:
+        return value_and_gradient(function, x)
+    x = np.asarray(x, np.float32)
+    if keras.config.backend() == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function(jit_compile=True)
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                value = function(x)
+            return value, tape.gradient(value, x)
+
+        value, gradient = step(tf.constant(x))
+        return value.numpy(), gradient.numpy()
+    import jax
+
+    value, gradient = jax.jit(jax.value_and_grad(function))(x)
+    return np.asarray(value), np.asarray(gradient)
+
+
+GRADIENT_CASES = [
+    (case, dense_table)
+    for case in CASES
+    for dense_table in (True, False)
+    if not (case == "matrix" and not dense_table)
+    and not (case == "sparse" and dense_table)
+]
+COMPILED = [False, True] if JIT_COMPILE else [False]
+
+
+@pytest.mark.parametrize("compiled", COMPILED, ids=lambda c: f"compiled={c}")
+@pytest.mark.parametrize(
+    "case, dense_table",
+    GRADIENT_CASES,
+    ids=[f"{c}-{'table' if t else 'on-the-fly'}" for c, t in GRADIENT_CASES],
+)
+def test_gradients_match_closed_form_and_finite_differences(
+    case, dense_table, compiled
+):
+    from keras_simloss import sim_loss
+
+    sim = CASES[case][0]()
+    if not dense_table and not isinstance(sim, similarity.SparseSimilarity):
+        sim.dense_table_max_classes = 1
+    assert sim._use_dense_table() is dense_table
+    matrix = np.asarray(sim, np.float64)
+    num_classes = sim.num_classes
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, num_classes, size=5).astype("int32")
+    logits = rng.normal(scale=2.0, size=(5, num_classes)).astype("float32")
+    # The gradient of a weighted sum over examples.
+    upstream = rng.uniform(0.5, 2.0, size=5)
+    weights = ops.convert_to_tensor(upstream, "float32")
+
+    def log_sum(z):
+        return ops.sum(sim.log_weighted_sum_exp(labels, z) * weights)
+
+    # d/dz log(sum_c S[y, c] e^{z_c}) = q, q_c = S[y, c] e^{z_c} / sum.
+    weighted = matrix[labels] * np.exp(logits.astype(np.float64))
+    q = weighted / weighted.sum(-1, keepdims=True)
+    value, gradient = _value_and_gradient(log_sum, logits, compiled)
+    np.testing.assert_allclose(
+        value, np.sum(np.log(weighted.sum(-1)) * upstream), rtol=1e-5
+    )
+    np.testing.assert_allclose(gradient, q * upstream[:, None], atol=1e-5)
+
+    # SimLoss from logits: d/dz = softmax(z) - q (per example), as for cross
+    # entropy with q in place of the one-hot label.
+    def loss_from_logits(z):
+        return ops.sum(sim_loss(labels, z, sim, from_logits=True) * weights)
+
+    _, gradient = _value_and_gradient(loss_from_logits, logits, compiled)
+    np.testing.assert_allclose(
+        gradient, (softmax(logits) - q) * upstream[:, None], atol=1e-5
+    )
+
+    # d/dp sum_c S[y, c] p_c = S[y].
+    probabilities = softmax(logits).astype("float32")
+
+    def weighted_sum(p):
+        return ops.sum(sim.weighted_sum(labels, p) * weights)
+
+    value, gradient = _value_and_gradient(weighted_sum, probabilities, compiled)
+    np.testing.assert_allclose(
+        value, np.sum((matrix[labels] * probabilities).sum(-1) * upstream), rtol=1e-5
+    )
+    np.testing.assert_allclose(gradient, matrix[labels] * upstream[:, None], atol=1e-6)
+
+    # SimLoss from probabilities against central finite differences (float64
+    # NumPy reference of the same clipped and renormalised formula).
+    def reference(p):
+        p = np.clip(p, 1e-7, 1 - 1e-7)
+        return np.sum(
+            (np.log(p.sum(-1)) - np.log((matrix[labels] * p).sum(-1))) * upstream
+        )
+
+    def loss_from_probabilities(p):
+        return ops.sum(sim_loss(labels, p, sim) * weights)
+
+    _, gradient = _value_and_gradient(loss_from_probabilities, probabilities, compiled)
+    numeric = np.zeros_like(probabilities, np.float64)
+    base = probabilities.astype(np.float64)
+    for index in np.ndindex(*probabilities.shape):
+        step = 1e-3 * base[index]  # relative: some probabilities are tiny
+        shifted = base.copy()
+        shifted[index] += step
+        up = reference(shifted)
+        shifted[index] -= 2 * step
+        numeric[index] = (up - reference(shifted)) / (2 * step)
+    np.testing.assert_allclose(gradient, numeric, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("case", ["sparse", "ordinal-r0.5"])
+def test_variable_predictions(case):
+    # A variable is not a tensor on TensorFlow (no `ndim`); it used to fail
+    # in the sparse path's gathers.
+    from keras_simloss import sim_loss
+
+    sim = CASES[case][0]()
+    matrix = np.asarray(sim, np.float64)
+    logits = np.random.default_rng(0).normal(size=(4, sim.num_classes))
+    labels = np.array([0, 1, 2, 0])
+    expected = -np.log(np.sum(matrix[labels] * softmax(logits), axis=-1))
+    variables = [keras.Variable(logits.astype("float32"))]
+    if keras.config.backend() == "tensorflow":
+        import tensorflow as tf
+
+        variables.append(tf.Variable(logits.astype("float32")))
+    for variable in variables:
+        loss = sim_loss(labels, variable, sim, from_logits=True)
+        np.testing.assert_allclose(ops.convert_to_numpy(loss), expected, rtol=1e-5)
