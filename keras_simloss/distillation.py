@@ -20,15 +20,24 @@ Reference:
 
 import contextlib
 import inspect
+import logging
 
 import keras
 from keras import ops
 
 from keras_simloss import _utils
 
-__all__ = ["Distiller", "SimilarityPreserving", "similarity_preserving_loss"]
+__all__ = [
+    "Distiller",
+    "SimilarityPreserving",
+    "auto_layer_pairs",
+    "resolution_stages",
+    "similarity_preserving_loss",
+]
 
 _EPSILON = 1e-12
+
+logger = logging.getLogger(__name__)
 
 
 def _check_features(features, name):
@@ -343,10 +352,112 @@ def _input_shapes(model):
     return [tuple(tensor.shape[1:]) for tensor in inputs]
 
 
+# Layers that only rescale or gate their input element-wise. A stage's
+# representative layer is its last layer that is not one of these, so that
+# the output of a residual group is chosen rather than the normalisation
+# and activation that follow it (pre-activation networks).
+_ELEMENTWISE_LAYERS = (
+    keras.layers.Activation,
+    keras.layers.BatchNormalization,
+    keras.layers.Dropout,
+    keras.layers.ELU,
+    keras.layers.GroupNormalization,
+    keras.layers.LayerNormalization,
+    keras.layers.LeakyReLU,
+    keras.layers.PReLU,
+    keras.layers.ReLU,
+    keras.layers.Softmax,
+    keras.layers.SpatialDropout2D,
+)
+
+
+def _output_shape(layer):
+    try:
+        output = layer.output
+    except (AttributeError, ValueError, RuntimeError):
+        return None  # no symbolic output (subclassed) or a shared layer
+    if isinstance(output, (list, tuple, dict)):
+        return None
+    return tuple(output.shape)
+
+
+def resolution_stages(model):
+    """`{spatial shape: last layer path}` of a model, in forward order.
+
+    A stage is a run of layers whose outputs have the same spatial size
+    (an image's height and width, a volume's three axes: outputs of rank 4
+    or more); its representative is the last layer of the run that is not an
+    element-wise normalisation, activation or dropout layer. Layers inside
+    nested models are visited with their paths (`"backbone/block3"`).
+    Subclassed models, whose layers have no symbolic outputs, have no stages.
+    """
+    channels_first = keras.config.image_data_format() == "channels_first"
+    stages = {}
+    order = []
+
+    def visit(container, prefix):
+        for layer in container.layers:
+            path = f"{prefix}{layer.name}"
+            if isinstance(layer, keras.Model) and layer.layers:
+                visit(layer, f"{path}/")
+                continue
+            shape = _output_shape(layer)
+            if (
+                shape is None
+                or len(shape) < 4
+                or isinstance(layer, keras.layers.InputLayer)
+            ):
+                continue
+            spatial = shape[2:] if channels_first else shape[1:-1]
+            if spatial not in stages:
+                order.append(spatial)
+                stages[spatial] = None
+            if not isinstance(layer, _ELEMENTWISE_LAYERS) or stages[spatial] is None:
+                stages[spatial] = path
+
+    visit(model, "")
+    return {spatial: stages[spatial] for spatial in order}
+
+
+def auto_layer_pairs(teacher, student):
+    """SP layer pairs matched by spatial resolution (`layer_pairs="auto"`).
+
+    For each spatial size that both models have (see `resolution_stages`),
+    pairs the teacher's representative layer with the student's, in the
+    teacher's order. For WideResNets these are the outputs of the residual
+    groups, the last of which is the paper's choice.
+
+    Raises:
+        ValueError: when no spatial size is shared, listing both models'.
+    """
+    teacher_stages = resolution_stages(teacher)
+    student_stages = resolution_stages(student)
+    pairs = [
+        (name, student_stages[spatial])
+        for spatial, name in teacher_stages.items()
+        if spatial in student_stages
+    ]
+    if not pairs:
+        raise ValueError(
+            'Invalid value for argument `layer_pairs`: "auto" pairs teacher and '
+            "student layers whose outputs have the same spatial size, and these "
+            "models share none (auto needs functional or sequential models "
+            "with image-like activations). Give the pairs by name. Received: "
+            f"teacher stages {_describe(teacher_stages)}, student stages "
+            f"{_describe(student_stages)}"
+        )
+    return pairs
+
+
+def _describe(stages):
+    return {"x".join(str(d) for d in spatial): name for spatial, name in stages.items()}
+
+
 def _check_layer_pairs(layer_pairs):
     message = (
-        "Invalid value for argument `layer_pairs`. Expected a list of "
-        "(teacher_layer_name, student_layer_name) pairs of strings. Received: "
+        'Invalid value for argument `layer_pairs`. Expected "auto" or a list '
+        "of (teacher_layer_name, student_layer_name) pairs of strings. "
+        "Received: "
     )
     if isinstance(layer_pairs, str) or not isinstance(layer_pairs, (list, tuple)):
         raise ValueError(f"{message}layer_pairs={layer_pairs!r}")
@@ -419,7 +530,12 @@ class Distiller(keras.Model):
     Args:
         teacher: a `keras.Model`. It is frozen (`trainable = False`).
         student: a `keras.Model` with the same inputs as the teacher.
-        layer_pairs: list of `(teacher_layer_name, student_layer_name)`.
+        layer_pairs: list of `(teacher_layer_name, student_layer_name)`, or
+            `"auto"`: pair the last layer of each spatial-resolution stage
+            of the teacher with the student's stage of the same resolution
+            (see `auto_layer_pairs`; functional and sequential models, nested
+            ones included). The chosen pairs are in `distiller.layer_pairs`
+            and logged once (logger `keras_simloss.distillation`, INFO).
         gamma: weight of the SP term, `0 <= gamma <= 1e6`. Defaults to
             `3000.0` (the paper's CIFAR-10 setting).
         alpha: weight of the logit-distillation term in `[0, 1]`; the
@@ -511,7 +627,11 @@ class Distiller(keras.Model):
                 f"logits_output={logits_output!r}"
             )
         self.logits_output = logits_output
-        pairs = _check_layer_pairs(layer_pairs)
+        if isinstance(layer_pairs, str) and layer_pairs == "auto":
+            pairs = auto_layer_pairs(teacher, student)
+            logger.info("Distiller %r: layer_pairs='auto' chose %s", name, pairs)
+        else:
+            pairs = _check_layer_pairs(layer_pairs)
         self.layer_pairs = pairs
         if not pairs and self.alpha == 0.0:
             raise ValueError(

@@ -1032,3 +1032,87 @@ def test_data_parallel_on_two_jax_host_devices():
     assert replica["evaluated_sp"] == pytest.approx(replica["local_sp"], rel=1e-4)
     assert global_["evaluated_sp"] == pytest.approx(global_["global_sp"], rel=1e-4)
     assert global_["global_sp"] != pytest.approx(global_["local_sp"], rel=1e-3)
+
+
+# layer_pairs="auto" -----------------------------------------------------------------
+
+
+def _load_example(name):
+    import importlib.util
+
+    path = os.path.join(REPO_ROOT, "examples", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_auto_pairs_include_the_papers_choice_for_wide_resnets(caplog):
+    wide_resnet = _load_example("distill_cifar10").wide_resnet
+    teacher = wide_resnet(16, 2, 10, (32, 32, 3), "teacher")
+    student = wide_resnet(10, 1, 10, (32, 32, 3), "student")
+    with caplog.at_level("INFO", logger="keras_simloss.distillation"):
+        distiller = Distiller(teacher, student, layer_pairs="auto")
+    # One pair per resolution (32, 16, 8): the residual groups' outputs, not
+    # the batch norm and ReLU that follow the last one.
+    assert distiller.layer_pairs == [
+        ("group1", "group1"),
+        ("group2", "group2"),
+        ("group3", "group3"),
+    ]
+    assert [r.getMessage() for r in caplog.records] == [
+        "Distiller 'distiller': layer_pairs='auto' chose "
+        "[('group1', 'group1'), ('group2', 'group2'), ('group3', 'group3')]"
+    ]
+    assert assert_config_round_trip(distiller)[1]["config"]["layer_pairs"][-1] == [
+        "group3",
+        "group3",
+    ]
+
+
+def test_auto_pairs_for_sequential_nested_and_plain_conv_nets():
+    keras.utils.set_random_seed(0)
+    sequential = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.Conv2D(4, 3, padding="same", name="c1"),
+            keras.layers.ReLU(name="r1"),
+            keras.layers.MaxPooling2D(name="pool"),
+            keras.layers.Conv2D(4, 3, padding="same", name="c2"),
+            keras.layers.BatchNormalization(name="bn2"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(5),
+        ]
+    )
+    # The nested backbone stays at 8x8; conv_net too (its last 8x8 layer
+    # that is not element-wise is "block").
+    nested = nested_net(8, "nested")
+    plain = conv_net(8, "plain")
+    assert Distiller(plain, sequential, layer_pairs="auto").layer_pairs == [
+        ("block", "c1")
+    ]
+    distiller = Distiller(nested, sequential, layer_pairs="auto")
+    assert distiller.layer_pairs == [("backbone/group3", "c1")]
+    distiller.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = data()
+    assert np.isfinite(distiller.fit(x, y, epochs=1, verbose=0).history["sp_loss"][0])
+
+
+def test_auto_pairs_without_a_shared_resolution_raise():
+    small = conv_net(4, "small", input_shape=(8, 8, 3))
+    dense = keras.Sequential(
+        [keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(5)],
+        name="dense",
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"share none.*teacher stages \{'8x8': 'block'\}.*student stages \{\}",
+    ):
+        Distiller(small, dense, layer_pairs="auto")
+    with pytest.raises(ValueError, match=r"share none"):
+        Distiller(small, SubclassedStudent(), layer_pairs="auto")
+    with pytest.raises(ValueError, match=r'Expected "auto" or a list'):
+        Distiller(small, small, layer_pairs="automatic")
