@@ -164,3 +164,27 @@ def test_utkface_loader_on_an_afad_folder_mentions_the_subfolders(tmp_path):
     message = str(info.value)
     assert "AGE_GENDER_RACE_DATETIME.jpg" in message
     assert "2 subfolder(s), e.g. '15'" in message and "AGE/GENDER/IMAGE.jpg" in message
+
+
+def test_word_vector_edge_inputs(tmp_path):
+    path = _write_text(tmp_path / "vectors.txt")
+    # One string is not a list of names (it would be read letter by letter).
+    with pytest.raises(TypeError, match=r"class_names.*not one string.*'cat'"):
+        load_word_vectors(path, "cat")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"`path`.*which is empty"):
+        load_word_vectors(empty, ["rose"])
+
+
+def test_face_helpers_reject_empty_and_mismatched_inputs():
+    from keras_simloss.datasets import faces
+
+    for bad in (-5, 0, 2, 2.5, True):
+        with pytest.raises(ValueError, match=r"num_examples"):
+            faces.split_indices(bad)
+    assert [len(part) for part in faces.split_indices(10)] == [6, 2, 2]
+    with pytest.raises(ValueError, match=r"at least one image path"):
+        faces.channel_statistics([])
+    with pytest.raises(ValueError, match=r"3 paths and 2 labels"):
+        faces.image_dataset(["a.jpg", "b.jpg", "c.jpg"], [0, 1])

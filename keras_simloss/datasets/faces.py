@@ -166,6 +166,16 @@ def split_indices(num_examples, fractions=(0.6, 0.2, 0.2), seed=0):
     Returns:
         A tuple of int arrays, one per fraction.
     """
+    if (
+        isinstance(num_examples, bool)
+        or not isinstance(num_examples, (int, np.integer))
+        or num_examples < len(fractions)
+    ):
+        raise ValueError(
+            "Invalid value for argument `num_examples`. Expected an int of at "
+            f"least one example per split ({len(fractions)}). Received: "
+            f"num_examples={num_examples!r}"
+        )
     if not np.isclose(sum(fractions), 1.0) or min(fractions) <= 0:
         raise ValueError(
             "Invalid value for argument `fractions`. Expected positive "
@@ -206,6 +216,13 @@ def image_dataset(
     """
     import tensorflow as tf
 
+    if len(paths) != len(labels) or not len(paths):
+        raise ValueError(
+            "Invalid value for arguments `paths` and `labels`. Expected one "
+            "label per image path, at least one of each. Received: "
+            f"{len(paths)} paths and {len(labels)} labels"
+        )
+
     def load(path, label):
         image = tf.io.decode_image(
             tf.io.read_file(path), channels=3, expand_animations=False
@@ -232,6 +249,11 @@ def image_dataset(
 
 def channel_statistics(paths, image_size=60, limit=2000):
     """Per-channel mean and standard deviation of (up to `limit`) images."""
+    if not len(paths):
+        raise ValueError(
+            "Invalid value for argument `paths`. Expected at least one image "
+            "path. Received: an empty sequence"
+        )
     dataset = image_dataset(
         paths[:limit], np.zeros(len(paths[:limit])), image_size, 256, cache=False
     )

@@ -87,6 +87,12 @@ def load_word_vectors(
             "Invalid value for argument `on_missing`. Expected 'report' or "
             f"'raise'. Received: on_missing={on_missing!r}"
         )
+    if isinstance(class_names, (str, bytes)):
+        raise TypeError(
+            "Invalid type for argument `class_names`. Expected a sequence of "
+            "class names, not one string (which would be read letter by "
+            f"letter). Received: class_names={class_names!r}"
+        )
     names = list(class_names)
     if not names or not all(isinstance(name, str) and name for name in names):
         raise ValueError(
@@ -99,6 +105,11 @@ def load_word_vectors(
             f"Invalid value for argument `path`. Expected a word-vector file. "
             f"Received: path={path!r}, which does not exist"
         )
+    if os.path.getsize(path) == 0:
+        raise ValueError(
+            "Invalid value for argument `path`. Expected a word-vector file. "
+            f"Received: path={path!r}, which is empty"
+        )
     if binary is None:
         binary = path.endswith(".bin")
     keyed_vectors = _import_gensim()
@@ -109,7 +120,7 @@ def load_word_vectors(
             no_header=False if binary else not _has_header(path),
             limit=limit,
         )
-    except (ValueError, EOFError, UnicodeDecodeError) as error:
+    except (ValueError, EOFError, UnicodeDecodeError, IndexError) as error:
         raise ValueError(
             f"Could not read {path!r} as a {'binary' if binary else 'text'} "
             f"word2vec/GloVe file: {error}"
