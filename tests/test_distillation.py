@@ -476,7 +476,7 @@ BAD_ARGUMENTS = {
     "pairs=None": (
         {"layer_pairs": None},
         ValueError,
-        r"`layer_pairs`. Expected a list.*Received: layer_pairs=None",
+        r"`layer_pairs`. Expected \"auto\" or a list.*Received: layer_pairs=None",
     ),
     "logits-output": ({"logits_output": 1.5}, ValueError, r"logits_output=1.5"),
     "unknown-layer": (
