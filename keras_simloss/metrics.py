@@ -410,6 +410,14 @@ class MistakeSeverity(_RatioMetric):
         config["similarity"] = similarity_lib.get(config["similarity"])
         return cls(**config)
 
+    def save_own_variables(self, store):
+        """Saves the similarity's large arrays (if any) into the `.keras` file."""
+        self.similarity.save_own_variables(store)
+
+    def load_own_variables(self, store):
+        """Restores the similarity's large arrays from the `.keras` file."""
+        self.similarity.load_own_variables(store)
+
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class ConfusionMatrix(keras.metrics.Metric):

@@ -29,7 +29,9 @@ Reference:
     Similarities in Cross Entropy", 2020. https://arxiv.org/abs/2003.03182
 """
 
+import hashlib
 import math
+import weakref
 
 import keras
 import numpy as np
@@ -233,12 +235,31 @@ class Similarity:
     labels, with `keras.ops`, traceable under XLA) and `numpy_rows` (the same
     in NumPy, outside the graph), plus `get_config`. Losses and metrics call
     `log_weighted_sum_exp`, `weighted_sum` and `pairs`; a subclass with a
-    cheaper form (such as sparse neighbour lists) overrides them.
+    cheaper form (such as sparse neighbour lists) overrides the pieces they
+    are made of (`_log_terms`, `_weight_terms`, `_pairs`).
 
     `numpy.asarray(similarity)` gives the dense `float32` matrix.
+
+    Saving. Small state is written into the config as numbers. State that is
+    data (an embedding table, neighbour lists, a hand-made matrix) with more
+    than `config_max_entries` numbers is kept out of the config, which then
+    holds only its shape (a few hundred bytes whatever `C`), and is written as
+    binary arrays into the `.keras` archive by `save_own_variables` (Keras
+    calls it through `SimLoss`). `from_config` of such a config gives a
+    similarity whose arrays are still missing: `load_own_variables` (called
+    by `keras.models.load_model`) supplies them, or, within one process, any
+    live similarity with the same arrays (matched by a content hash, so a
+    `MistakeSeverity` sharing the loss's similarity is restored with it).
     """
 
     num_classes = None
+
+    # Array state with more numbers than this is saved as binary arrays in
+    # the `.keras` archive rather than as JSON numbers in the config.
+    config_max_entries = 256
+
+    # The array arguments of the constructor (saved as arrays when large).
+    _array_arguments = ()
 
     # Up to this many classes, rows are gathered from a dense table built
     # once (C^2 floats, at most 4 MiB) rather than computed for every batch:
@@ -411,14 +432,134 @@ class Similarity:
         return matrix if dtype is None else matrix.astype(dtype)
 
     def get_config(self):
-        raise NotImplementedError
+        """The constructor arguments; large arrays as placeholders (above)."""
+        arguments = self._arguments()
+        arrays = self._archived_arrays(arguments)
+        config = {}
+        for name, value in arguments.items():
+            if name in arrays:
+                config[name] = {"shape": list(value.shape), "dtype": str(value.dtype)}
+            elif isinstance(value, np.ndarray):
+                config[name] = value.tolist()
+            else:
+                config[name] = value
+        if arrays:
+            config[_ARCHIVE_KEY] = self._fingerprint(arrays)
+        return config
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        config = dict(config)
+        fingerprint = config.pop(_ARCHIVE_KEY, None)
+        if fingerprint is None:
+            return cls(**config)  # everything in the config (or an old config)
+        # The arrays are in a `.keras` archive: `load_own_variables` fills in.
+        similarity = cls.__new__(cls)
+        similarity._pending = (config, fingerprint)
+        similarity.num_classes = config[cls._array_arguments[0]]["shape"][0]
+        return similarity
+
+    def save_own_variables(self, store):
+        """Writes the arrays that the config leaves out into a Keras store.
+
+        Called by `SimLoss.save_own_variables` (and `MistakeSeverity`'s) when
+        Keras saves a `.keras` file; `store` takes NumPy arrays by name.
+        """
+        if not self._array_arguments:
+            return  # the config holds everything
+        for name, array in self._archived_arrays(self._arguments()).items():
+            store[name] = array
+
+    def load_own_variables(self, store):
+        """Reads the arrays that the config left out from a Keras store.
+
+        Does nothing when the config held everything (small state, or a
+        config saved before arrays went into the archive).
+        """
+        pending = self.__dict__.get("_pending")
+        if pending is None:
+            return
+        config, fingerprint = pending
+        arrays = {}
+        for name in self._array_arguments:
+            if not isinstance(config.get(name), dict):
+                continue
+            if name not in store:
+                raise ValueError(
+                    f"The saved state of this {type(self).__name__} has no "
+                    f"array `{name}`: the `.keras` archive does not match its "
+                    f"config. Received arrays: {sorted(store.keys())}"
+                )
+            arrays[name] = np.asarray(store[name])
+        if self._fingerprint(arrays) != fingerprint:
+            raise ValueError(
+                f"The arrays saved for this {type(self).__name__} do not match "
+                "the content hash in its config: the `.keras` archive is "
+                "damaged or mixes two saves."
+            )
+        self._fill(arrays)
+
+    def _arguments(self):
+        """The constructor arguments (arrays as NumPy arrays)."""
+        raise NotImplementedError
+
+    def _archived_arrays(self, arguments):
+        """The array arguments that go into the archive: all, when large."""
+        arrays = {name: arguments[name] for name in self._array_arguments}
+        if sum(array.size for array in arrays.values()) > self.config_max_entries:
+            return arrays
+        return {}
+
+    def _fingerprint(self, arrays):
+        """A content hash of `arrays`; registers this similarity under it."""
+        digest = hashlib.blake2b(type(self).__name__.encode(), digest_size=16)
+        for name in sorted(arrays):
+            array = np.ascontiguousarray(arrays[name])
+            digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
+            digest.update(memoryview(array).cast("B"))
+        fingerprint = digest.hexdigest()
+        if "_pending" not in self.__dict__:
+            _WITH_ARRAYS[fingerprint] = self
+        return fingerprint
+
+    def _fill(self, arrays):
+        """Completes a similarity made by `from_config` with its arrays."""
+        config, fingerprint = self.__dict__.pop("_pending")
+        self.__init__(**{**config, **arrays})  # validates them, as on creation
+        _WITH_ARRAYS[fingerprint] = self
+
+    def __getattr__(self, name):
+        # Only reached when an attribute is missing: the arrays of a
+        # similarity made from a config whose arrays are in an archive.
+        pending = self.__dict__.get("_pending")
+        if pending is None or name.startswith("__"):
+            raise AttributeError(
+                f"{type(self).__name__!r} object has no attribute {name!r}"
+            )
+        config, fingerprint = pending
+        twin = _WITH_ARRAYS.get(fingerprint)
+        if twin is None or "_pending" in twin.__dict__:
+            raise ValueError(
+                f"This {type(self).__name__} was made from a config whose "
+                "arrays are stored in a `.keras` archive, and they were never "
+                "loaded. Load the model with `keras.models.load_model(path)` "
+                "(its SimLoss restores them; a metric restores them only when "
+                "it shares the loss's similarity, since Keras saves no state "
+                "of compiled metrics), or build the similarity again."
+            )
+        self._fill({name: getattr(twin, name) for name in self._array_arguments})
+        return getattr(self, name)
 
     def __repr__(self):
         return f"{type(self).__name__}(num_classes={self.num_classes})"
+
+
+# The config key that marks arrays stored in the archive; its value is their
+# content hash.
+_ARCHIVE_KEY = "arrays_in_archive"
+
+# Similarities whose arrays are at hand, by content hash (weakly held).
+_WITH_ARRAYS = weakref.WeakValueDictionary()
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -452,8 +593,10 @@ class MatrixSimilarity(Similarity):
     def __array__(self, dtype=None, copy=None):
         return self.matrix.copy() if dtype is None else self.matrix.astype(dtype)
 
-    def get_config(self):
-        return {"matrix": self.matrix.tolist()}
+    _array_arguments = ("matrix",)
+
+    def _arguments(self):
+        return {"matrix": self.matrix}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -601,10 +744,14 @@ class EmbeddingSimilarity(Similarity):
         similarity[np.arange(len(classes)), classes] = 1.0
         return similarity.astype(np.float32)
 
-    def get_config(self):
-        return {"vectors": self.vectors.tolist(), "lower_bound": self.lower_bound}
+    _array_arguments = ("vectors",)
+
+    def _arguments(self):
+        return {"vectors": self.vectors, "lower_bound": self.lower_bound}
 
     def __repr__(self):
+        if "_pending" in self.__dict__:
+            return super().__repr__()
         return (
             f"EmbeddingSimilarity(num_classes={self.num_classes}, "
             f"dim={self.vectors.shape[1]}, lower_bound={self.lower_bound})"
@@ -824,10 +971,14 @@ class SparseSimilarity(Similarity):
         result[np.arange(len(classes)), classes] = 1.0
         return result
 
-    def get_config(self):
-        return {"indices": self.indices.tolist(), "values": self.values.tolist()}
+    _array_arguments = ("indices", "values")
+
+    def _arguments(self):
+        return {"indices": self.indices, "values": self.values}
 
     def __repr__(self):
+        if "_pending" in self.__dict__:
+            return super().__repr__()
         return (
             f"SparseSimilarity(num_classes={self.num_classes}, "
             f"k={self.indices.shape[1]})"
@@ -952,30 +1103,43 @@ def from_hierarchy(ancestors, similarities=0.5):
     return _checked(HierarchySimilarity(ancestors, similarities))
 
 
-def top_k(similarity, k, batch_size=1024):
+def top_k(similarity, k, batch_size=None):
     """Keeps the `k` most similar other classes of each class.
 
     Builds a `SparseSimilarity` from any similarity (a `Similarity` or a dense
-    matrix), working through the classes `batch_size` rows at a time so the
-    dense matrix is never held whole. Zero similarities are not kept. Ties are
-    broken toward the smaller class index.
+    matrix), working through the classes `batch_size` rows at a time, so
+    memory is bounded by the block of rows, never `C x C`. Each row is reduced
+    by partial selection (`numpy.partition`, `O(C)`; never a full sort).
+
+    The result is exact: the `k` largest `S[i, j]`, `j != i`, in decreasing
+    order, ties broken toward the smaller class index `j`. Zero similarities
+    are not kept (a row with fewer than `k` positive entries leaves slots
+    unused). For `from_embeddings`, the rows are a float32 product of unit
+    vectors (BLAS, the bulk of the work); every class whose float32 cosine is
+    within the product's rounding-error bound of the `k`-th largest is then
+    rescored in float64, so rounding never changes which classes are kept or
+    their values (float64 cosines, as `numpy.asarray(similarity)` computes
+    them, stored as float32).
 
     Args:
         similarity: a `Similarity` or an array-like `(C, C)`.
         k: int >= 1, neighbours kept per class.
-        batch_size: rows computed at a time. Defaults to `1024`.
+        batch_size: rows computed at a time, an int >= 1. Defaults to `None`:
+            blocks of about 16M entries (64 MiB of float32).
 
     Returns:
         A `SparseSimilarity` with `O(C * k)` state.
 
     Example:
 
-    >>> s = top_k(ordinal(4, 0.5), k=1)
+    >>> s = top_k(ordinal(4, 0.5), k=1)  # row 1: classes 0 and 2 tie
     >>> s.indices.tolist(), s.values.tolist()
     ([[1], [0], [1], [2]], [[0.5], [0.5], [0.5], [0.5]])
     """
     source = get(similarity)
     num_classes = source.num_classes
+    if batch_size is None:
+        batch_size = max(1, min(num_classes, _TOP_K_BLOCK_ENTRIES // num_classes))
     if (
         isinstance(batch_size, bool)
         or not isinstance(batch_size, (int, np.integer))
@@ -994,17 +1158,82 @@ def top_k(similarity, k, batch_size=1024):
             "Invalid value for argument `k`. Expected an int with 1 <= k < "
             f"num_classes={num_classes}. Received: k={k!r}"
         )
-    indices = np.zeros((num_classes, k), np.int32)
+    # Unused slots point at the class itself with value 0, as
+    # `SparseSimilarity` stores them.
+    indices = np.repeat(np.arange(num_classes, dtype=np.int32)[:, None], k, axis=1)
     values = np.zeros((num_classes, k), np.float32)
+    if isinstance(source, EmbeddingSimilarity):
+        unit = source._unit_vectors()  # float32, one C x d table
     for start in range(0, num_classes, batch_size):
         classes = np.arange(start, min(start + batch_size, num_classes))
-        rows = source.numpy_rows(classes).copy()
-        rows[np.arange(len(classes)), classes] = -1.0
-        # Stable sort on -S keeps ties in index order.
-        order = np.argsort(-rows, axis=1, kind="stable")[:, :k]
-        indices[classes] = order
-        values[classes] = np.maximum(np.take_along_axis(rows, order, axis=1), 0.0)
+        if isinstance(source, EmbeddingSimilarity):
+            row, column, value = _embedding_candidates(source, unit, classes, k)
+        else:
+            rows = np.array(source.numpy_rows(classes), np.float32)  # a copy
+            row, column, value = _candidates(rows, classes, k)
+        _keep_top_k(row, column, value, classes, k, indices, values)
     return _checked(SparseSimilarity(indices, values))
+
+
+# Rows per block of `top_k`: about this many entries (64 MiB of float32).
+_TOP_K_BLOCK_ENTRIES = 1 << 24
+
+
+def _candidates(rows, classes, k):
+    """Entries of `rows` that can be among the `k` largest off-diagonal ones.
+
+    Returns `(row, column, value)` of every entry at least as large as the
+    `k`-th largest of its row (so all ties at that value) and above 0.
+    """
+    num_classes = rows.shape[1]
+    rows[np.arange(len(classes)), classes] = -np.inf  # never the class itself
+    # The k-th largest of each row by partial selection: O(C), no sort.
+    kth = np.partition(rows, num_classes - k, axis=1)[:, num_classes - k]
+    row, column = np.nonzero((rows >= kth[:, None]) & (rows > 0))
+    return row, column, rows[row, column]
+
+
+def _embedding_candidates(source, unit, classes, k):
+    """`_candidates` of a block of embedding rows, rescored in float64."""
+    num_classes, dim = unit.shape
+    # The bulk of the work: a float32 (b, d) x (d, C) product (BLAS).
+    cosine = unit[classes] @ unit.T
+    cosine[np.arange(len(classes)), classes] = -np.inf
+    kth = np.partition(cosine, num_classes - k, axis=1)[:, num_classes - k]
+    # Error bound of a float32 cosine of unit vectors: rounding the vectors
+    # (2u) and any summation order of d products (d u), u = 2^-24. Exact and
+    # float32 k-th largest differ by at most that bound, so every class whose
+    # exact value can reach the exact k-th largest has a float32 cosine above
+    # kth - 2 * bound; 2^-23 more keeps classes whose values round to the
+    # same float32 number.
+    bound = 1.01 * (dim + 2) * 2.0**-24
+    row, column = np.nonzero(cosine >= (kth - 2 * bound - 2.0**-23)[:, None])
+    # Exact (float64) cosines of the candidates only: b (k + a few) x d work.
+    left = source._unit_vectors(classes[row], dtype=np.float64)
+    right = source._unit_vectors(column, dtype=np.float64)
+    exact = np.einsum("ij,ij->i", left, right)
+    # As `numpy_rows`: clip into [0, 1], Eq. 3, then float32.
+    value = np.maximum(np.clip(exact, 0.0, 1.0) - source.lower_bound, 0.0) / (
+        1.0 - source.lower_bound
+    )
+    value = value.astype(np.float32)
+    keep = value > 0
+    return row[keep], column[keep], value[keep]
+
+
+def _keep_top_k(row, column, value, classes, k, indices, values):
+    """Writes the `k` best candidates of each row into `indices`/`values`.
+
+    Best means largest value, ties toward the smaller class index.
+    """
+    order = np.lexsort((column, -value, row))  # by row, value down, index up
+    row, column, value = row[order], column[order], value[order]
+    first = np.searchsorted(row, np.arange(len(classes)))
+    rank = np.arange(len(row)) - first[row]
+    keep = rank < k
+    target = classes[row[keep]]
+    indices[target, rank[keep]] = column[keep]
+    values[target, rank[keep]] = value[keep]
 
 
 def get(identifier):

@@ -642,3 +642,155 @@ def test_variable_predictions(case):
     for variable in variables:
         loss = sim_loss(labels, variable, sim, from_logits=True)
         np.testing.assert_allclose(ops.convert_to_numpy(loss), expected, rtol=1e-5)
+
+
+def _top_k_reference(sim, k):
+    """The former `top_k`: full stable sort of every dense row."""
+    dense = np.asarray(sim, np.float32).copy()
+    np.fill_diagonal(dense, -1.0)
+    order = np.argsort(-dense, axis=1, kind="stable")[:, :k]
+    values = np.maximum(np.take_along_axis(dense, order, axis=1), 0.0)
+    return similarity.SparseSimilarity(order, values)
+
+
+def _top_k_cases():
+    rng = np.random.default_rng(5)
+    vectors = rng.normal(size=(2000, 16)).astype(np.float32)
+    tied = vectors.copy()
+    tied[1::7] = tied[0]  # exact duplicates: equal cosines to everything
+    tied[2::11] = 3.0 * tied[5]  # parallel vectors, same cosines
+    matrix = rng.choice([0.0, 0.25, 0.5], size=(300, 300)).astype(np.float32)
+    matrix = np.maximum(matrix, matrix.T)
+    np.fill_diagonal(matrix, 1.0)
+    return {
+        "embeddings-C2000": lambda: similarity.from_embeddings(vectors),
+        "embeddings-C2000-l0.3": lambda: similarity.from_embeddings(vectors, 0.3),
+        "embeddings-ties": lambda: similarity.from_embeddings(tied, 0.1),
+        "ordinal": lambda: similarity.ordinal(500, 0.6),
+        "ordinal-underflow": lambda: similarity.ordinal(500, 0.01),
+        "hierarchy": lambda: similarity.from_hierarchy(
+            [np.arange(600) // 4, np.arange(600) // 40], [0.6, 0.2]
+        ),
+        "matrix-many-ties": lambda: similarity.MatrixSimilarity(matrix),
+        "sparse": lambda: CASES["sparse"][0](),
+    }
+
+
+TOP_K_CASES = _top_k_cases()
+
+
+@pytest.mark.parametrize("batch_size", [None, 97], ids=["auto", "97"])
+@pytest.mark.parametrize("case", list(TOP_K_CASES), ids=list(TOP_K_CASES))
+def test_top_k_is_exact_against_the_full_sort(case, batch_size):
+    sim = TOP_K_CASES[case]()
+    for k in sorted({1, 2, min(10, sim.num_classes - 1)}):
+        expected = _top_k_reference(sim, k)
+        result = similarity.top_k(sim, k, batch_size=batch_size)
+        np.testing.assert_array_equal(result.indices, expected.indices)
+        np.testing.assert_array_equal(result.values, expected.values)
+
+
+def test_top_k_ties_go_to_the_smaller_index():
+    # Classes 1, 2 and 3 are all 0.5 from class 0; k = 2 keeps 1 and 2.
+    matrix = np.eye(4)
+    matrix[0, 1:] = matrix[1:, 0] = 0.5
+    result = similarity.top_k(matrix, k=2)
+    assert result.indices[0].tolist() == [1, 2]
+    # Embeddings: class 3 duplicates class 1, so both are equally close to 0.
+    vectors = [[1.0, 0.2], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
+    result = similarity.top_k(similarity.from_embeddings(vectors), k=1)
+    assert result.indices[0].tolist() == [1]
+    assert result.indices[2].tolist() == [0]  # cos 0.196 beats 0, 0
+
+
+ARCHIVE_CASES = {
+    "ordinal": (lambda: similarity.ordinal(6, 0.5), False),
+    "hierarchy": (lambda: similarity.from_hierarchy([0, 0, 1, 1, 2, 2], 0.4), False),
+    "embeddings": (lambda: similarity.from_embeddings(_random_vectors(6, 4, 2)), True),
+    "matrix": (
+        lambda: similarity.MatrixSimilarity(_ordinal_reference(6, 0.3)),
+        True,
+    ),
+    "sparse": (lambda: FIT_CASES["sparse"][0](), True),
+}
+
+
+@pytest.mark.parametrize("case", list(ARCHIVE_CASES), ids=list(ARCHIVE_CASES))
+def test_keras_file_keeps_large_state_as_binary_arrays(case, tmp_path, monkeypatch):
+    import zipfile
+
+    from keras_simloss import MistakeSeverity, SimLoss
+
+    # Lowered so that these 6-class similarities count as large.
+    monkeypatch.setattr(similarity.Similarity, "config_max_entries", 4)
+    build, archived = ARCHIVE_CASES[case]
+    sim = build()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 3)).astype("float32")
+    y = rng.integers(0, 6, size=16).astype("int32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(6)])
+    model.compile(
+        optimizer="adam",
+        loss=SimLoss(sim, from_logits=True),
+        metrics=[MistakeSeverity(sim)],
+    )
+    model.fit(x, y, epochs=1, verbose=0)
+    expected = model.evaluate(x, y, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    with zipfile.ZipFile(path) as archive:
+        config = json.loads(archive.read("config.json"))
+    saved = config["compile_config"]["loss"]["config"]["similarity"]["config"]
+    assert ("arrays_in_archive" in saved) is archived
+    if archived:
+        for name in type(sim)._array_arguments:
+            assert set(saved[name]) == {"shape", "dtype"}  # no numbers
+    # A new process has none of the original objects: drop them.
+    del model, sim
+    import gc
+
+    gc.collect()
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(loaded.evaluate(x, y, verbose=0), expected)
+    matrix = np.asarray(build(), np.float64)
+    np.testing.assert_array_equal(np.asarray(loaded.loss.similarity), matrix)
+
+
+def test_large_config_is_small_whatever_the_number_of_classes():
+    vectors = _random_vectors(5000, 300, 0)
+    sim = similarity.from_embeddings(vectors)
+    text = json.dumps(keras.saving.serialize_keras_object(sim))
+    assert len(text) < 1000, text
+    neighbours = similarity.SparseSimilarity(
+        (np.arange(5000)[:, None] + np.arange(1, 11)) % 5000,
+        np.full((5000, 10), 0.5),
+    )
+    assert len(json.dumps(keras.saving.serialize_keras_object(neighbours))) < 1000
+
+
+def test_old_list_configs_still_load():
+    vectors = _random_vectors(40, 8, 1)
+    old = {
+        "module": "keras_simloss.similarity",
+        "class_name": "EmbeddingSimilarity",
+        "config": {"vectors": vectors.tolist(), "lower_bound": 0.2},
+        "registered_name": "keras_simloss>EmbeddingSimilarity",
+    }
+    rebuilt = similarity.get(old)
+    np.testing.assert_array_equal(
+        np.asarray(rebuilt), np.asarray(similarity.from_embeddings(vectors, 0.2))
+    )
+
+
+def test_config_without_its_archive_says_what_is_missing():
+    sim = similarity.from_embeddings(_random_vectors(40, 8, 3))
+    config = json.loads(json.dumps(keras.saving.serialize_keras_object(sim)))
+    config["config"]["arrays_in_archive"] = "0" * 32  # no similarity has these
+    orphan = similarity.get(config)
+    assert orphan.num_classes == 40 and "40" in repr(orphan)
+    with pytest.raises(ValueError, match=r"arrays are stored in a `.keras` archive"):
+        np.asarray(orphan)
+    # Within one process, a live similarity with the same arrays fills in.
+    twin = similarity.get(keras.saving.serialize_keras_object(sim))
+    np.testing.assert_array_equal(np.asarray(twin), np.asarray(sim))
