@@ -21,6 +21,7 @@ from keras_simloss.losses import SimLoss, sim_loss
 from keras_simloss.metrics import (
     ClassMeanAbsoluteError,
     ClassMeanSquaredError,
+    ConfusionMatrix,
     FailedSuperclassAccuracy,
     MistakeSeverity,
     SuperclassAccuracy,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ClassMeanAbsoluteError",
     "ClassMeanSquaredError",
+    "ConfusionMatrix",
     "Distiller",
     "FailedSuperclassAccuracy",
     "MistakeSeverity",
