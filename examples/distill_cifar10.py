@@ -253,6 +253,7 @@ def print_loss_parts(name, method, gamma, history, args):
         columns.append(("total", "loss", 1.0))
     epochs = len(history["loss"])
     shown = sorted({0, 1, epochs // 4, epochs // 2, 3 * epochs // 4, epochs - 1})
+    shown = [epoch for epoch in shown if epoch < epochs]
     body = [
         [epoch + 1]
         + [f"{history[key][epoch] * weight:.4f}" for _, key, weight in columns]

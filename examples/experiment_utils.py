@@ -93,6 +93,28 @@ def wilcoxon_p_values(records, group_key, baseline, metric, seed_key="seed"):
     return p_values
 
 
+def paired_p_values(records, group_key, metric, other):
+    """Two-sided Wilcoxon p-value of `metric` vs `other` within each group.
+
+    For two read-outs of the same runs (e.g. median vs argmax MAE). Returns
+    `{group: p}` (NaN where fewer than two runs or all differences are
+    zero), or `None` when scipy is missing.
+    """
+    try:
+        from scipy.stats import wilcoxon
+    except ImportError:
+        return None
+    by_group = {}
+    for record in records:
+        by_group.setdefault(record[group_key], []).append(
+            record[metric] - record[other]
+        )
+    return {
+        group: float(wilcoxon(d).pvalue) if len(d) > 1 and np.any(d) else float("nan")
+        for group, d in by_group.items()
+    }
+
+
 def markdown_table(headers, body):
     """A Markdown table whose columns are padded to line up in a terminal."""
     cells = [list(map(str, headers))] + [list(map(str, row)) for row in body]

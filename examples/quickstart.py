@@ -11,8 +11,13 @@ Needs no download; about 4 minutes on 2 CPU cores.
 
 import argparse
 import os
+import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import experiment_utils  # noqa: E402
+
+experiment_utils.quiet_tensorflow()  # TensorFlow's start-up log lines
 
 import keras  # noqa: E402
 
@@ -57,13 +62,17 @@ def train_and_evaluate(loss, data, num_classes, args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-classes", type=int, default=30)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--train-size", type=int, default=6000)
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--reduction-factor", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--num-classes", type=int, default=30, help="ordered classes")
+    add("--image-size", type=int, default=32, help="image side in pixels")
+    add("--train-size", type=int, default=6000, help="training images")
+    add("--epochs", type=int, default=40, help="training epochs")
+    add("--reduction-factor", type=float, default=0.5, help="r of SimLoss")
+    add("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args(argv)
 
     x, y = synthetic.ordinal_images(
