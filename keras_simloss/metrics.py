@@ -149,11 +149,7 @@ class _ClassDistanceMetric(_RatioMetric):
         dtype=None,
     ):
         super().__init__(name=name, dtype=dtype)
-        if decode not in decoding.METHODS:
-            raise ValueError(
-                "Invalid value for argument `decode`. Expected one of "
-                f"{list(decoding.METHODS)}. Received: decode={decode!r}"
-            )
+        decoding._check_method(decode, "decode")
         if not isinstance(from_logits, bool):
             raise TypeError(
                 "Invalid type for argument `from_logits`. Expected a bool. "

@@ -1000,6 +1000,16 @@ _DATA_PARALLEL = """
             "local_sp": (numpy_sp(t[:8], s[:8]) + numpy_sp(t[8:], s[8:])) / 2,
             "global_sp": numpy_sp(t, s),
         }
+    # A plain model compiled with SimLoss (sparse rows) under the same layout.
+    from keras_simloss import SimLoss, similarity
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(5)])
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=True,
+                  loss=SimLoss(similarity.top_k(similarity.ordinal(5, 0.5), 2),
+                               from_logits=True))
+    results["simloss"] = model.fit(x, y, epochs=3, batch_size=16,
+                                   verbose=0).history["loss"]
     print(json.dumps(results))
 """
 
@@ -1023,8 +1033,11 @@ def test_data_parallel_on_two_jax_host_devices():
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     assert results["devices"] == 2
-    for gram_batch in ("replica", "global"):
-        losses = results[gram_batch]["losses"]
+    for losses in (
+        results["replica"]["losses"],
+        results["global"]["losses"],
+        results["simloss"],
+    ):
         assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
     replica, global_ = results["replica"], results["global"]
     # As under tf.distribute: "replica" = the mean over the per-device
