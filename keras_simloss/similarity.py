@@ -261,6 +261,11 @@ class Similarity:
     # The array arguments of the constructor (saved as arrays when large).
     _array_arguments = ()
 
+    # Whether the backward pass recomputes the rows of S (cheap: a gather or
+    # elementwise ops that XLA fuses) instead of keeping them from the
+    # forward pass (a batch x C buffer).
+    _recompute_rows = True
+
     # Up to this many classes, rows are gathered from a dense table built
     # once (C^2 floats, at most 4 MiB) rather than computed for every batch:
     # a gather is the cheapest row there is. Larger label spaces compute the
@@ -353,12 +358,14 @@ class Similarity:
 
         @ops.custom_gradient
         def function(logits, labels):
-            terms, positions = self._log_terms(labels, logits)
-            value = ops.logsumexp(terms, axis=-1)
+            saved = self._log_terms(labels, logits)
+            value = ops.logsumexp(saved[0], axis=-1)
+            if self._recompute_rows:
+                saved = None  # nothing of size (batch, C) kept for backward
 
             def gradient(*args, upstream=None):
                 upstream = args[0] if upstream is None else upstream
-                terms, positions = self._log_terms(labels, logits)  # recomputed
+                terms, positions = saved or self._log_terms(labels, logits)
                 q = ops.exp(terms - ops.expand_dims(value, -1))
                 q = q * ops.expand_dims(upstream, -1)
                 return _spread(q, positions, logits), None
@@ -387,12 +394,16 @@ class Similarity:
 
         @ops.custom_gradient
         def function(probabilities, labels):
-            weights, values, positions = self._weight_terms(labels, probabilities)
-            value = ops.sum(weights * values, axis=-1)
+            saved = self._weight_terms(labels, probabilities)
+            value = ops.sum(saved[0] * saved[1], axis=-1)
+            if self._recompute_rows:
+                saved = None  # nothing of size (batch, C) kept for backward
 
             def gradient(*args, upstream=None):
                 upstream = args[0] if upstream is None else upstream
-                weights, _, positions = self._weight_terms(labels, probabilities)
+                weights, _, positions = saved or self._weight_terms(
+                    labels, probabilities
+                )
                 weights = weights * ops.expand_dims(upstream, -1)
                 return _spread(weights, positions, probabilities), None
 
@@ -701,7 +712,9 @@ class EmbeddingSimilarity(Similarity):
             vectors, norms = self.vectors, self._norms
         else:
             vectors, norms = self.vectors[classes], self._norms[classes]
-        return (vectors.astype(np.float64) / norms[:, None]).astype(dtype)
+        unit = vectors.astype(np.float64)
+        unit /= norms[:, None]
+        return unit.astype(dtype, copy=False)
 
     def _unit_tensor(self):
         # The loss holds the unit table only (one C x d table, as before).
@@ -745,6 +758,12 @@ class EmbeddingSimilarity(Similarity):
         return similarity.astype(np.float32)
 
     _array_arguments = ("vectors",)
+
+    # Recomputing the rows would repeat the (b, d) x (d, C) product in the
+    # backward pass; measured (TensorFlow, XLA, C = 100,000, batch 1,024) it
+    # saved no memory (XLA holds the product's output either way) and cost
+    # time, so the rows are kept from the forward pass instead.
+    _recompute_rows = False
 
     def _arguments(self):
         return {"vectors": self.vectors, "lower_bound": self.lower_bound}
@@ -1163,7 +1182,13 @@ def top_k(similarity, k, batch_size=None):
     indices = np.repeat(np.arange(num_classes, dtype=np.int32)[:, None], k, axis=1)
     values = np.zeros((num_classes, k), np.float32)
     if isinstance(source, EmbeddingSimilarity):
-        unit = source._unit_vectors()  # float32, one C x d table
+        # Float32 unit vectors, zero rows appended up to a multiple of the
+        # chunk width (a zero vector's cosine is 0, which never displaces a
+        # class of positive similarity).
+        unit = np.zeros(
+            (-(-num_classes // _CHUNK) * _CHUNK, source.vectors.shape[1]), np.float32
+        )
+        unit[:num_classes] = source._unit_vectors()
     for start in range(0, num_classes, batch_size):
         classes = np.arange(start, min(start + batch_size, num_classes))
         if isinstance(source, EmbeddingSimilarity):
@@ -1194,22 +1219,66 @@ def _candidates(rows, classes, k):
 
 
 def _embedding_candidates(source, unit, classes, k):
-    """`_candidates` of a block of embedding rows, rescored in float64."""
-    num_classes, dim = unit.shape
+    """`_candidates` of a block of embedding rows, rescored in float64.
+
+    `unit` holds the float32 unit vectors, padded with zero rows to a
+    multiple of `_CHUNK`.
+    """
+    padded, dim = unit.shape
+    size = len(classes)
     # The bulk of the work: a float32 (b, d) x (d, C) product (BLAS).
     cosine = unit[classes] @ unit.T
-    cosine[np.arange(len(classes)), classes] = -np.inf
-    kth = np.partition(cosine, num_classes - k, axis=1)[:, num_classes - k]
+    cosine[np.arange(size), classes] = -np.inf  # never the class itself
     # Error bound of a float32 cosine of unit vectors: rounding the vectors
-    # (2u) and any summation order of d products (d u), u = 2^-24. Exact and
-    # float32 k-th largest differ by at most that bound, so every class whose
-    # exact value can reach the exact k-th largest has a float32 cosine above
-    # kth - 2 * bound; 2^-23 more keeps classes whose values round to the
-    # same float32 number.
-    bound = 1.01 * (dim + 2) * 2.0**-24
-    row, column = np.nonzero(cosine >= (kth - 2 * bound - 2.0**-23)[:, None])
+    # (2u) and any summation order of d products (d u), u = 2^-24. The exact
+    # and the float32 k-th largest differ by at most that bound, so every
+    # class whose exact value can reach the exact k-th largest has a float32
+    # cosine above kth - 2 * bound; 2^-23 more keeps the classes whose values
+    # round to the same float32 number.
+    margin = 2 * 1.01 * (dim + 2) * 2.0**-24 + 2.0**-23
+    # One pass over the block: the maximum of each chunk of columns. The
+    # k-th largest chunk maximum is at most the row's k-th largest entry (k
+    # chunks hold an entry at least as large), so every candidate lies in a
+    # chunk whose maximum is within `margin` of it: only the top chunks are
+    # searched further, never the whole row. Chunk c holds the columns
+    # c, c + n, c + 2n, ... (n chunks): a maximum over the middle axis is an
+    # elementwise maximum of contiguous rows, several times faster than one
+    # over a short last axis.
+    num_chunks = padded // _CHUNK
+    chunks = cosine.reshape(size, _CHUNK, num_chunks)
+    chunk_max = chunks.max(axis=1)
+    kept = min(num_chunks, k + 8)
+    top = np.argpartition(chunk_max, num_chunks - kept, axis=1)[:, -kept:]
+    if kept < num_chunks:
+        top_max = np.take_along_axis(chunk_max, top, axis=1)
+        chunk_kth = np.partition(top_max, kept - k, axis=1)[:, kept - k]
+        # Rows where a chunk left out may still hold a candidate (many
+        # chunks within the margin) are searched whole, below.
+        unsure = np.flatnonzero(top_max.min(axis=1) >= chunk_kth - margin)
+    else:
+        unsure = []  # every chunk is searched
+    # The columns of the top chunks, gathered from the flat block (the
+    # fastest NumPy gather).
+    columns = (np.arange(_CHUNK)[:, None] * num_chunks + top[:, None, :]).reshape(
+        size, _CHUNK * kept
+    )
+    gathered = np.take(cosine.ravel(), columns + np.arange(size)[:, None] * padded)
+    kth = np.partition(gathered, gathered.shape[1] - k, axis=1)[:, -k]
+    row, position = np.nonzero(gathered >= (kth - margin)[:, None])
+    column = columns[row, position]
+    if len(unsure):
+        keep = ~np.isin(row, unsure)
+        row, column = [row[keep]], [column[keep]]
+        for i in unsure:
+            full_kth = np.partition(cosine[i], padded - k)[padded - k]
+            extra = np.flatnonzero(cosine[i] >= full_kth - margin)
+            row.append(np.full(len(extra), i))
+            column.append(extra)
+        row, column = np.concatenate(row), np.concatenate(column)
+    real = column < source.num_classes  # not a padding column
+    row, column = row[real], column[real]
     # Exact (float64) cosines of the candidates only: b (k + a few) x d work.
-    left = source._unit_vectors(classes[row], dtype=np.float64)
+    left = source._unit_vectors(classes, dtype=np.float64)[row]
     right = source._unit_vectors(column, dtype=np.float64)
     exact = np.einsum("ij,ij->i", left, right)
     # As `numpy_rows`: clip into [0, 1], Eq. 3, then float32.
@@ -1219,6 +1288,10 @@ def _embedding_candidates(source, unit, classes, k):
     value = value.astype(np.float32)
     keep = value > 0
     return row[keep], column[keep], value[keep]
+
+
+# Columns per chunk in `top_k`'s search of embedding rows.
+_CHUNK = 64
 
 
 def _keep_top_k(row, column, value, classes, k, indices, values):

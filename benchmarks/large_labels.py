@@ -1,0 +1,418 @@
+"""SimLoss for very large label spaces: neighbour search, saving, memory, speed.
+
+Prints, side by side in one run (issue 12):
+
+1. `topk`: `similarity.top_k(from_embeddings(vectors), k)` against the bare
+   blocked `C x C x d` float32 product it is built on (same blocks, same
+   process), with the peak memory NumPy allocated during `top_k`.
+2. `save`: `.keras` save and load time, file size and config size of a
+   `features -> C` model compiled with SimLoss (each kind of similarity)
+   against the same model with `SparseCategoricalCrossentropy`, and whether
+   the reloaded model (`keras.models.load_model(path)`, no custom objects)
+   gives the identical loss.
+3. `memory`: extra peak and steady resident memory of a training step
+   against SCCE at several batch sizes (one child process per variant, as in
+   `simloss_step_time.py`).
+4. `steps`: train-step time ratios SimLoss / SCCE at several `C`, XLA on.
+5. `million`: `SparseSimilarity` from neighbour lists at a million classes
+   trains under XLA, saves and loads (against SCCE).
+
+Everything runs on the CPU here and takes a while (about 40 minutes on 2
+cores); pick sections with `--sections`. The default setting:
+
+    python benchmarks/large_labels.py
+
+Times on a shared machine are noisy; the side-by-side runs (variants taking
+turns, medians) keep the ratios comparable within one run.
+"""
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+import zipfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import simloss_step_time as step_bench  # noqa: E402
+
+from keras_simloss import SimLoss, similarity  # noqa: E402
+
+SECTIONS = ("topk", "save", "memory", "steps", "million")
+
+
+def random_vectors(num_classes, dim, seed=0):
+    return np.random.default_rng(seed).normal(size=(num_classes, dim)).astype("f4")
+
+
+def neighbour_lists(num_classes, k, seed=0):
+    """k distinct other classes per class with values in (0, 1), as `top_k`
+    makes them, built directly (the loss's cost does not depend on which
+    classes are listed)."""
+    rng = np.random.default_rng(seed)
+    offsets = np.arange(1, k + 1) * 7
+    indices = (np.arange(num_classes)[:, None] + offsets[None, :]) % num_classes
+    values = rng.uniform(0.1, 0.9, size=(num_classes, k)).astype(np.float32)
+    return similarity.SparseSimilarity(indices, values)
+
+
+# 1. Neighbour search -------------------------------------------------------
+
+
+def bare_product(unit, batch_size):
+    """The `C x C x d` product in the blocks `top_k` uses, results dropped."""
+    num_classes = unit.shape[0]
+    for start in range(0, num_classes, batch_size):
+        block = unit[start : start + batch_size] @ unit.T
+        del block
+
+
+def section_topk(args):
+    num_classes, dim, k = args.topk_classes, args.topk_dim, args.k
+    vectors = random_vectors(num_classes, dim)
+    source = similarity.from_embeddings(vectors)
+    batch_size = max(1, similarity._TOP_K_BLOCK_ENTRIES // num_classes)
+    unit = source._unit_vectors()
+    print(
+        f"\n## top_k vs the bare product (C = {num_classes:,}, d = {dim}, "
+        f"k = {k}, blocks of {batch_size} rows)"
+    )
+    times = {"product": [], "top_k": []}
+    peak = 0
+    for _ in range(args.topk_rounds):
+        start = time.perf_counter()
+        bare_product(unit, batch_size)
+        times["product"].append(time.perf_counter() - start)
+        tracemalloc.start()
+        start = time.perf_counter()
+        result = similarity.top_k(source, k)
+        times["top_k"].append(time.perf_counter() - start)
+        peak = max(peak, tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        del result
+        gc.collect()
+    product = statistics.median(times["product"])
+    search = statistics.median(times["top_k"])
+    print("| what | seconds | ratio to product | peak MiB allocated |")
+    print("|---|---|---|---|")
+    print(f"| bare C x C x d float32 product | {product:.1f} | 1.00 | - |")
+    print(
+        f"| `top_k(from_embeddings(vectors), k={k})` | {search:.1f} | "
+        f"{search / product:.2f} | {peak / 2**20:.0f} |"
+    )
+    print(f"(table itself: {vectors.nbytes / 2**20:.0f} MiB; rounds: {times})")
+
+
+# 2. Saving ------------------------------------------------------------------
+
+
+def make_loss(kind, num_classes, args):
+    """(loss, similarity state in bytes) of one variant."""
+    if kind == "scce":
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=True), 0
+    if kind == "ordinal":
+        sim = similarity.ordinal(num_classes, 0.7)
+        state = 0
+    elif kind == "hierarchy":
+        sim = similarity.from_hierarchy(np.arange(num_classes) // 10, 0.5)
+        state = 0
+    elif kind == "embeddings":
+        sim = similarity.from_embeddings(
+            random_vectors(num_classes, args.embedding_dim), lower_bound=0.3
+        )
+        state = sim.vectors.nbytes
+    elif kind == "sparse":
+        sim = neighbour_lists(num_classes, args.k)
+        state = sim.indices.nbytes + sim.values.nbytes
+    elif kind == "matrix":
+        sim = similarity.MatrixSimilarity(
+            np.asarray(similarity.ordinal(num_classes, 0.7))
+        )
+        state = sim.matrix.nbytes
+    else:
+        raise ValueError(kind)
+    return SimLoss(sim, from_logits=True), state
+
+
+def small_model(num_classes, features):
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((features,)), keras.layers.Dense(num_classes)])
+
+
+def save_and_load(kind, num_classes, args, directory):
+    loss, state = make_loss(kind, num_classes, args)
+    model = small_model(num_classes, args.save_features)
+    model.compile(optimizer="adam", loss=loss, jit_compile=True)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(args.batch_size, args.save_features)).astype("f4")
+    y = rng.integers(0, num_classes, size=args.batch_size).astype("int32")
+    model.train_on_batch(x, y)  # optimizer state exists, as after training
+    before = float(model.evaluate(x, y, verbose=0))
+    path = os.path.join(directory, f"{kind}_{num_classes}.keras")
+    start = time.perf_counter()
+    model.save(path)
+    save_seconds = time.perf_counter() - start
+    with zipfile.ZipFile(path) as archive:
+        config_bytes = len(archive.read("config.json"))
+    weights_bytes = sum(
+        int(np.prod(v.shape)) * 4 for v in model.variables + model.optimizer.variables
+    )
+    del model, loss
+    gc.collect()
+    start = time.perf_counter()
+    loaded = keras.models.load_model(path)
+    load_seconds = time.perf_counter() - start
+    after = float(loaded.evaluate(x, y, verbose=0))
+    size = os.path.getsize(path)
+    del loaded
+    gc.collect()
+    os.remove(path)
+    return {
+        "save_s": save_seconds,
+        "load_s": load_seconds,
+        "file": size,
+        "config": config_bytes,
+        "weights": weights_bytes,
+        "state": state,
+        "identical": before == after,
+        "loss": before,
+    }
+
+
+def print_save_table(num_classes, kinds, args):
+    print(
+        f"\n## .keras save / load (C = {num_classes:,}, model "
+        f"{args.save_features} -> C, Adam state included)"
+    )
+    print(
+        "| loss | save s | load s | file MiB | config KiB | (file - SCCE file) / "
+        "similarity state | identical loss after load |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as directory:
+        base = save_and_load("scce", num_classes, args, directory)
+        rows = [("SCCE", base)] + [
+            (kind, save_and_load(kind, num_classes, args, directory)) for kind in kinds
+        ]
+    for name, row in rows:
+        overhead = (
+            f"{(row['file'] - base['file']) / row['state']:.3f}"
+            if row["state"]
+            else "-"
+        )
+        print(
+            f"| {name} | {row['save_s']:.2f} | {row['load_s']:.2f} | "
+            f"{row['file'] / 2**20:.1f} | {row['config'] / 1024:.1f} | {overhead} | "
+            f"{row['identical']} |",
+            flush=True,
+        )
+    print(
+        f"(weights + Adam state: {base['weights'] / 2**20:.1f} MiB float32; "
+        "similarity state: embeddings table / neighbour lists / matrix)"
+    )
+
+
+def section_save(args):
+    print_save_table(
+        args.save_classes, ["ordinal", "hierarchy", "embeddings", "sparse"], args
+    )
+    print_save_table(args.matrix_classes, ["matrix"], args)
+
+
+# 3. Memory ------------------------------------------------------------------
+
+
+def step_args(args, batch_size, hidden):
+    return argparse.Namespace(
+        features=args.features,
+        hidden=hidden,
+        batch_size=batch_size,
+        embedding_dim=args.embedding_dim,
+        k=args.k,
+        steps=args.memory_steps,
+    )
+
+
+def section_memory(args):
+    num_classes = args.memory_classes
+    print(
+        f"\n## Extra resident memory against SCCE (C = {num_classes:,}, model "
+        f"{args.features} -> {args.hidden} -> C, XLA on; one process each)"
+    )
+    print(
+        "| batch | loss | peak MiB | extra peak MiB | steady MiB | extra steady "
+        "MiB | similarity storage MiB | one batch x C buffer MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for batch_size in args.memory_batches:
+        child_args = step_args(args, batch_size, args.hidden)
+        results = {
+            variant: step_bench.peak_memory(variant, num_classes, child_args)
+            for variant in ["scce"] + args.kinds
+        }
+        base = results["scce"]
+        for variant, result in results.items():
+            print(
+                f"| {batch_size} | {'SCCE' if variant == 'scce' else variant} | "
+                f"{result['peak_bytes'] / 2**20:.0f} | "
+                f"{(result['peak_bytes'] - base['peak_bytes']) / 2**20:.0f} | "
+                f"{result['steady_bytes'] / 2**20:.0f} | "
+                f"{(result['steady_bytes'] - base['steady_bytes']) / 2**20:.0f} | "
+                f"{result['storage'] / 2**20:.1f} | "
+                f"{batch_size * num_classes * 4 / 2**20:.0f} |",
+                flush=True,
+            )
+
+
+# 4. Step times ----------------------------------------------------------------
+
+
+def step_ratios(num_classes, kinds, args, batch_size, hidden, rounds, steps):
+    child_args = step_args(args, batch_size, hidden)
+    variants = ["scce"] + kinds
+    models = {
+        variant: step_bench.compiled(variant, num_classes, child_args)[0]
+        for variant in variants
+    }
+    x, y = step_bench.make_batch(num_classes, child_args)
+    times = {variant: [] for variant in variants}
+    for round_index in range(rounds):
+        order = variants if round_index % 2 == 0 else variants[::-1]
+        for variant in order:
+            times[variant].append(step_bench.time_steps(models[variant], x, y, steps))
+    del models
+    gc.collect()
+    median = {variant: statistics.median(values) for variant, values in times.items()}
+    for variant in variants:
+        print(
+            f"| {num_classes:,} | {batch_size} | {args.features} -> {hidden} -> C | "
+            f"{'SCCE' if variant == 'scce' else variant} | "
+            f"{median[variant] * 1e3:.1f} | {median[variant] / median['scce']:.3f} |",
+            flush=True,
+        )
+
+
+def section_steps(args):
+    print(
+        f"\n## Train-step time, SimLoss / SCCE ({keras.config.backend()}, XLA on, "
+        f"median of {args.rounds} rounds x {args.steps} steps)"
+    )
+    print("| C | batch | model | loss | step ms | ratio to SCCE |")
+    print("|---|---|---|---|---|---|")
+    for num_classes in args.step_classes:
+        if num_classes >= 1_000_000:
+            step_ratios(
+                num_classes, ["sparse"], args, args.million_batch,
+                args.million_hidden, max(3, args.rounds // 2), max(2, args.steps // 2),
+            )  # fmt: skip
+        else:
+            step_ratios(
+                num_classes, args.kinds, args, args.batch_size, args.hidden,
+                args.rounds, args.steps,
+            )  # fmt: skip
+
+
+# 5. A million classes -------------------------------------------------------
+
+
+def section_million(args):
+    num_classes, features = args.million_classes, args.million_features
+    print(
+        f"\n## {num_classes:,} classes: SparseSimilarity from neighbour lists "
+        f"(k = {args.k}), model {features} -> C, batch {args.million_batch}, XLA on"
+    )
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(args.million_batch * 4, features)).astype("f4")
+    y = rng.integers(0, num_classes, size=len(x)).astype("int32")
+    print(
+        "| loss | build s | fit s (4 steps, compile included) | step ms | save s | load s | file MiB | identical loss after load |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for kind in ("scce", "sparse"):
+        start = time.perf_counter()
+        if kind == "scce":
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        else:
+            loss = SimLoss(neighbour_lists(num_classes, args.k), from_logits=True)
+        build = time.perf_counter() - start
+        model = small_model(num_classes, features)
+        model.compile(optimizer="adam", loss=loss, jit_compile=True)
+        start = time.perf_counter()
+        model.fit(x, y, batch_size=args.million_batch, epochs=1, verbose=0)
+        fit = time.perf_counter() - start
+        step = step_bench.time_steps(
+            model, x[: args.million_batch], y[: args.million_batch], 3
+        )
+        before = float(model.evaluate(x, y, batch_size=args.million_batch, verbose=0))
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "model.keras")
+            start = time.perf_counter()
+            model.save(path)
+            save = time.perf_counter() - start
+            size = os.path.getsize(path)
+            del model, loss
+            gc.collect()
+            start = time.perf_counter()
+            loaded = keras.models.load_model(path)
+            load = time.perf_counter() - start
+            after = float(
+                loaded.evaluate(x, y, batch_size=args.million_batch, verbose=0)
+            )
+            del loaded
+            gc.collect()
+        print(
+            f"| {'SCCE' if kind == 'scce' else 'SimLoss (sparse)'} | {build:.1f} | "
+            f"{fit:.1f} | {step * 1e3:.0f} | {save:.1f} | {load:.1f} | "
+            f"{size / 2**20:.0f} | {before == after} |",
+            flush=True,
+        )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS
+    )
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--embedding-dim", type=int, default=300)
+    parser.add_argument("--kinds", nargs="+", default=["sparse", "embeddings"])
+    parser.add_argument("--topk-classes", type=int, default=100_000)
+    parser.add_argument("--topk-dim", type=int, default=300)
+    parser.add_argument("--topk-rounds", type=int, default=1)
+    parser.add_argument("--save-classes", type=int, default=100_000)
+    parser.add_argument("--save-features", type=int, default=64)
+    parser.add_argument("--matrix-classes", type=int, default=4_000)
+    parser.add_argument("--features", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--memory-classes", type=int, default=100_000)
+    parser.add_argument("--memory-batches", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument(
+        "--step-classes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000]
+    )
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--million-classes", type=int, default=1_000_000)
+    parser.add_argument("--million-features", type=int, default=64)
+    parser.add_argument("--million-hidden", type=int, default=64)
+    parser.add_argument("--million-batch", type=int, default=256)
+    args = parser.parse_args(argv)
+    print(
+        f"keras {keras.__version__}, backend {keras.config.backend()}, "
+        f"{os.cpu_count()} CPUs"
+    )
+    for section in args.sections:
+        globals()[f"section_{section}"](args)
+
+
+if __name__ == "__main__":
+    main()
