@@ -16,7 +16,7 @@ Table 1 layout) and predicted_distribution.png (its Figure 2).
 By default it runs on a generated ordinal image task (a disk whose radius
 grows with the class, noisy labels; no download), with 32x32 images instead
 of 60x60 (the network's last convolution shrinks to match) and 6 runs per r
-instead of 10, in about five minutes on 2 CPU cores. Real data, the paper's
+instead of 10, in about three minutes on 2 CPU cores. Real data, the paper's
 settings:
 
     python examples/age_estimation.py --dataset utkface --data-dir UTKFace/ \\

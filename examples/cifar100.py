@@ -13,7 +13,7 @@ Superclass Accuracy (SA) and Failed Superclass Accuracy (FSA).
 Outputs (in --output-dir): runs.csv, results.json, table.md, metrics.png.
 
 By default it runs on a generated image task with a class hierarchy (no
-download; 6 runs per l, about four minutes on 2 CPU cores). Real data
+download; 6 runs per l, about three minutes on 2 CPU cores). Real data
 through TensorFlow Datasets, the paper's settings (the Google News word2vec
 file: GoogleNews-vectors-negative300.bin.gz from
 https://code.google.com/archive/p/word2vec/, unpacked):

@@ -22,7 +22,7 @@ alone, paired by seed. --gamma-sweep adds SP rows at other weights;
 Outputs (in --output-dir): runs.csv, results.json, table.md.
 
 Data (--dataset): "digits", scikit-learn's 1,797 real 8x8 handwritten
-digits (shipped with scikit-learn, no download; the default, about five
+digits (shipped with scikit-learn, no download; the default, about four
 minutes on 2 CPU cores), "synthetic" (generated striped images) or
 "cifar10" (TensorFlow Datasets). The paper's CIFAR-10 setting, every label
 given to the student:
