@@ -35,8 +35,6 @@ __all__ = [
     "similarity_preserving_loss",
 ]
 
-_EPSILON = 1e-12
-
 logger = logging.getLogger(__name__)
 
 
@@ -98,10 +96,17 @@ def _normalized_gram(features, groups):
     features = features / ops.maximum(scale, 1e-30)
     flat = ops.reshape(features, (groups, ops.shape(features)[0] // groups, -1))
     gram = ops.matmul(flat, ops.transpose(flat, (0, 2, 1)))
-    # Row L2 normalisation, guarded before the square root: an all-zero row
-    # (dead ReLUs) has norm 0, where sqrt has no derivative (NaN on JAX).
+    # Row L2 normalisation. An all-zero row (dead ReLUs) stays zero, and
+    # the guard sits before the square root and in both branches of the
+    # `where`: sqrt has no derivative at 0 (NaN on JAX), and dividing by an
+    # epsilon instead gives that row a gradient of about 1 / epsilon (1e10
+    # and more, inf in float16). The loss jumps at a zero row (any nearby row
+    # normalises to a unit vector), so it has no derivative there; the
+    # gradient through the dead row's own normalisation is defined as 0.
     squared_norm = ops.sum(ops.square(gram), axis=-1, keepdims=True)
-    return gram / ops.sqrt(ops.maximum(squared_norm, _EPSILON**2))
+    alive = squared_norm > 0.0
+    inverse_norm = ops.where(alive, ops.rsqrt(ops.where(alive, squared_norm, 1.0)), 0.0)
+    return gram * inverse_norm
 
 
 def _sp_loss(teacher_features, student_features, groups=1):
@@ -128,7 +133,8 @@ def similarity_preserving_loss(teacher_features, student_features):
     activations are rescaled before the products); independent of the memory
     layout of the non-batch axes (NHWC or NCHW); at most `4 / b`. Computed
     in float32. An all-zero activation row (dead ReLUs) gives a zero Gram
-    row and a finite gradient.
+    row; the gradient through that row's own normalisation is 0 (the loss
+    has no derivative there), so gradients stay finite, also in float16.
 
     Args:
         teacher_features: teacher activations, shape `(b, ...)`, any rank
@@ -661,9 +667,13 @@ class Distiller(keras.Model):
         # from the first batch.
         if teacher.built and student.built:
             self.built = True
+        # Trackers of the loss parts that are on; Keras tracks them as the
+        # model's metrics (after its own "loss", the total).
         self._student_tracker = keras.metrics.Mean(name="student_loss")
-        self._sp_tracker = keras.metrics.Mean(name="sp_loss")
-        self._kd_tracker = keras.metrics.Mean(name="kd_loss")
+        if pairs:
+            self._sp_tracker = keras.metrics.Mean(name="sp_loss")
+        if self.alpha > 0:
+            self._kd_tracker = keras.metrics.Mean(name="kd_loss")
         # The student's activations of the latest `call`, handed to
         # `compute_loss` of the same step (kept out of Keras's tracking).
         object.__setattr__(self, "_last_pass", None)
@@ -750,6 +760,26 @@ class Distiller(keras.Model):
                 f"outputs of structure {keras.tree.map_structure(lambda t: tuple(t.shape), outputs)}"
             ) from None
 
+    def _kd_weights(self, sample_weight, outputs):
+        """Per-output sample weights for the KD term, or `None`s."""
+        flat_outputs = keras.tree.flatten(outputs)
+        if sample_weight is None:
+            return [None] * len(flat_outputs)
+        if self.logits_output is not None and isinstance(
+            sample_weight, (dict, list, tuple)
+        ):
+            sample_weight = sample_weight[self.logits_output]
+        weights = keras.tree.flatten(sample_weight)
+        if len(weights) == 1:
+            return weights * len(flat_outputs)
+        if len(weights) != len(flat_outputs):
+            raise ValueError(
+                "The KD term needs one sample weight per logits output. "
+                f"Received: {len(weights)} sample weights for "
+                f"{len(flat_outputs)} outputs"
+            )
+        return weights
+
     def _kd_loss(self, teacher_outputs, student_outputs, sample_weight):
         teacher_logits = self._logits(teacher_outputs, "teacher")
         student_logits = self._logits(student_outputs, "student")
@@ -765,8 +795,10 @@ class Distiller(keras.Model):
                 f"{keras.tree.map_structure(lambda t: tuple(t.shape), student_logits)}"
             ) from None
         total = 0.0
-        for t, s in zip(
-            keras.tree.flatten(teacher_logits), keras.tree.flatten(student_logits)
+        for t, s, weight in zip(
+            keras.tree.flatten(teacher_logits),
+            keras.tree.flatten(student_logits),
+            self._kd_weights(sample_weight, student_logits),
         ):
             if t.shape[-1] != s.shape[-1]:
                 raise ValueError(
@@ -782,14 +814,15 @@ class Distiller(keras.Model):
                 ops.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs),
                 axis=-1,
             )
-            if sample_weight is not None:
-                # As Keras's "sum_over_batch_size": sum(w * kl) / count.
-                weight = ops.cast(
-                    ops.convert_to_tensor(keras.tree.flatten(sample_weight)[0]),
-                    "float32",
-                )
-                if len(weight.shape) > len(kl.shape):
-                    weight = ops.reshape(weight, ops.shape(kl))
+            if weight is not None:
+                # As Keras's "sum_over_batch_size": sum(w * kl) / count, with
+                # per-example weights spread over any further axes (time
+                # steps, pixels) and a trailing axis of 1 dropped.
+                weight = ops.cast(ops.convert_to_tensor(weight), "float32")
+                if len(weight.shape) == len(kl.shape) + 1 and weight.shape[-1] == 1:
+                    weight = ops.squeeze(weight, -1)
+                while len(weight.shape) < len(kl.shape):
+                    weight = ops.expand_dims(weight, -1)
                 kl = kl * weight
             total = total + self.temperature**2 * ops.mean(kl)
         return total
@@ -849,15 +882,15 @@ class Distiller(keras.Model):
         return logs
 
     @property
-    def metrics(self):
-        # Keras's own "loss" tracker (the total) and compiled metrics, then
-        # the loss parts.
-        own = [self._student_tracker]
-        if self.layer_pairs:
-            own.append(self._sp_tracker)
-        if self.alpha > 0:
-            own.append(self._kd_tracker)
-        return super().metrics + own
+    def losses(self):
+        # The student's only (its activity and weight regularisation): the
+        # teacher's forward pass in `compute_loss` may add activity losses of
+        # its own, which are no part of the student's objective. On JAX,
+        # Keras sets `_losses_override` to the losses of the stateless call,
+        # which runs the student only.
+        if self._losses_override:
+            return self._losses_override
+        return self.student.losses
 
     # Multi-worker TensorFlow ------------------------------------------------
 

@@ -719,10 +719,28 @@ def test_multi_worker_mirrored_strategy_with_two_local_workers():
 # Numerics of the SP loss ----------------------------------------------------------
 
 
+def _numpy_sp_dead_row_frozen(teacher, student, dead):
+    """`numpy_sp` with the normalised Gram row `dead` of the student held at
+    0: the convention for an all-zero row, as a function that has a
+    derivative there."""
+
+    def gram(features, frozen=None):
+        flat = np.asarray(features, np.float64).reshape(len(features), -1)
+        g = flat @ flat.T
+        g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-300)
+        if frozen is not None:
+            g[frozen] = 0.0
+        return g
+
+    b = len(teacher)
+    return np.sum((gram(teacher) - gram(student, dead)) ** 2) / b**2
+
+
 def test_sp_gradient_with_an_all_zero_row_is_finite_and_correct():
     # Dead ReLUs: one example's activations are all zero, so its Gram row is
-    # zero and the row norm has no derivative at 0 unless guarded before the
-    # square root.
+    # zero. The loss jumps there (a nearby row normalises to a unit vector);
+    # the gradient through that row's own normalisation is defined as 0,
+    # the rest is the ordinary derivative.
     rng = np.random.default_rng(40)
     teacher = rng.normal(size=(5, 6)).astype(np.float32)
     student = rng.normal(size=(5, 4)).astype(np.float32)
@@ -730,25 +748,35 @@ def test_sp_gradient_with_an_all_zero_row_is_finite_and_correct():
     value, gradient = value_and_gradient(
         lambda s: similarity_preserving_loss(teacher, s), student
     )
-    assert np.isfinite(float(value)) and np.all(np.isfinite(gradient))
     assert float(value) == pytest.approx(numpy_sp(teacher, student), rel=1e-5)
-    # Central differences in float64 on the NumPy reference.
     step = 1e-3
-    numeric = np.zeros_like(gradient, dtype=np.float64)
+    numeric = np.zeros(student.shape, np.float64)
     for index in np.ndindex(student.shape):
-        if index[0] == 2:
-            continue  # the kink at 0: one-sided slopes differ
         up, down = student.astype(np.float64), student.astype(np.float64)
         up[index] += step
         down[index] -= step
-        numeric[index] = (numpy_sp(teacher, up) - numpy_sp(teacher, down)) / (2 * step)
-    rows = [0, 1, 3, 4]
-    np.testing.assert_allclose(gradient[rows], numeric[rows], rtol=1e-2, atol=1e-5)
-    # And a Distiller step on a network with a dead layer stays finite.
+        numeric[index] = (
+            _numpy_sp_dead_row_frozen(teacher, up, 2)
+            - _numpy_sp_dead_row_frozen(teacher, down, 2)
+        ) / (2 * step)
+    np.testing.assert_allclose(gradient, numeric, rtol=1e-2, atol=1e-5)
+    assert np.abs(gradient).max() < 10.0  # not 1 / epsilon
+    # The teacher side, all zero, and float16 activations behind a ReLU (a
+    # gradient of 1 / epsilon would be inf there, and inf * 0 = NaN).
     _, teacher_gradient = value_and_gradient(
         lambda t: similarity_preserving_loss(t, student), np.zeros((5, 6))
     )
     assert np.all(np.isfinite(teacher_gradient))
+    _, half_gradient = value_and_gradient(
+        lambda s: (
+            3000.0
+            * similarity_preserving_loss(
+                teacher, keras.ops.relu(keras.ops.cast(s, "float16"))
+            )
+        ),
+        np.where(np.arange(5)[:, None] == 2, -1.0, student),
+    )
+    assert np.all(np.isfinite(half_gradient))
 
 
 @pytest.mark.parametrize("scale", [1e-20, 1e-8, 1e9, 1e20])
@@ -790,7 +818,7 @@ def two_headed(width, name, num_classes=5):
         inputs,
         {
             "logits": keras.layers.Dense(num_classes, name="logits")(x),
-            "aux": keras.layers.Dense(1, name="aux")(x),
+            "aux": keras.layers.Dense(3, name="aux")(x),
         },
         name=name,
     )
@@ -816,20 +844,105 @@ def test_multi_output_models(logits_output):
         jit_compile=JIT_COMPILE,
     )
     x, y = data()
-    targets = {"logits": y, "aux": y.astype(np.float32)[:, None] / 5.0}
+    targets = {"logits": y, "aux": np.tile(y.astype(np.float32)[:, None] / 5.0, 3)}
     history = distiller.fit(x, targets, epochs=2, batch_size=16, verbose=0)
     for key in ("loss", "student_loss", "sp_loss", "kd_loss"):
         assert np.all(np.isfinite(history.history[key])), key
     teacher = distiller.teacher.predict(x, verbose=0)
     student = distiller.student.predict(x, verbose=0)
+    weights = {
+        "aux": np.linspace(2.0, 0.0, len(y)).astype(np.float32),
+        "logits": np.linspace(0.0, 2.0, len(y)).astype(np.float32),
+    }
 
     def kd(name):
+        # Each output's KD term weighted by that output's sample weights.
         p_t, p_s = softmax(teacher[name] / 4.0), softmax(student[name] / 4.0)
-        return 16.0 * np.mean(np.sum(p_t * (np.log(p_t) - np.log(p_s)), axis=-1))
+        kl = np.sum(p_t * (np.log(p_t) - np.log(p_s)), axis=-1)
+        return 16.0 * np.sum(kl * weights[name]) / len(y)
 
     expected = kd("logits") if logits_output else kd("logits") + kd("aux")
-    result = distiller.evaluate(x, targets, verbose=0, batch_size=48, return_dict=True)
+    assert kd("aux") > 1e-4  # the aux head's term is not trivially 0
+    result = distiller.evaluate(
+        x,
+        targets,
+        sample_weight=weights,
+        verbose=0,
+        batch_size=48,
+        return_dict=True,
+    )
     assert result["kd_loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_kd_weights_spread_over_sequence_steps():
+    # Per-example weights (b,) with sequence logits (b, T, C), T == b: each
+    # example's weight applies to all its steps, as in Keras's losses.
+    keras.utils.set_random_seed(0)
+
+    def sequence_model(width, name):
+        inputs = keras.Input((4, 3))
+        x = keras.layers.Dense(width, activation="relu", name="hidden")(inputs)
+        return keras.Model(inputs, keras.layers.Dense(5)(x), name=name)
+
+    distiller = Distiller(
+        sequence_model(8, "teacher"),
+        sequence_model(4, "student"),
+        alpha=0.5,
+        temperature=1.0,
+    )
+    distiller.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(42)
+    x = rng.normal(size=(4, 4, 3)).astype(np.float32)
+    y = rng.integers(0, 5, size=(4, 4))
+    w = np.array([0.0, 1.0, 2.0, 3.0], np.float32)
+    result = distiller.evaluate(
+        x, y, sample_weight=w, batch_size=4, verbose=0, return_dict=True
+    )
+    p_t = softmax(distiller.teacher.predict(x, verbose=0))
+    p_s = softmax(distiller.student.predict(x, verbose=0))
+    kl = np.sum(p_t * (np.log(p_t) - np.log(p_s)), axis=-1)  # (b, T)
+    expected = np.sum(kl * w[:, None]) / kl.size
+    assert result["kd_loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_teacher_regularisation_losses_stay_out_of_the_student_loss():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(
+        8,
+        3,
+        padding="same",
+        name="block",
+        activity_regularizer=keras.regularizers.L2(10.0),
+    )(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    teacher = keras.Model(inputs, keras.layers.Dense(5)(x))
+    student = conv_net(4, "student")
+    distiller = Distiller(teacher, student, [("block", "block")], gamma=1.0)
+    distiller.compile(
+        optimizer=keras.optimizers.SGD(0.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = data(n=16)
+    history = distiller.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    # The student's loss on its training-mode pass (batch-norm on batch
+    # statistics); with a learning rate of 0 the weights did not move.
+    expected = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(
+        y, student(x, training=True)
+    )
+    assert history.history["student_loss"][0] == pytest.approx(
+        float(to_numpy(expected)), rel=1e-4
+    )
+
+
+def test_logs_hold_only_the_parts_that_are_on():
+    distiller = make_distiller(alpha=0.0)
+    distiller.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    x, y = data(n=16)
+    logs = distiller.fit(x, y, epochs=1, verbose=0).history
+    assert sorted(logs) == ["loss", "sp_loss", "student_loss"]
+    names = [m.name for m in distiller.metrics]
+    assert len(names) == len(set(names)), names
 
 
 def test_kd_needs_the_same_classes():
