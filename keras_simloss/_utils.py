@@ -121,6 +121,14 @@ def _label_kind(y_true_shape, y_pred_shape):
     indices with a trailing axis of 1 when it is 1.
     """
     leading = y_pred_shape[:-1]
+    if len(y_true_shape) == len(y_pred_shape) and y_true_shape[-1] is None:
+        raise ValueError(
+            "The last axis of `y_true` must have a known size when labels and "
+            "predictions have the same rank: 1 means class indices, "
+            f"{y_pred_shape[-1]} one-hot rows. Received: "
+            f"y_true.shape={tuple(y_true_shape)}, "
+            f"y_pred.shape={tuple(y_pred_shape)}"
+        )
     if len(y_true_shape) == len(y_pred_shape) - 1:
         if _shapes_agree(y_true_shape, leading):
             return "sparse"
@@ -162,6 +170,22 @@ def sparse_labels(y_true, y_pred):
         `(labels, valid)`: int32 labels and a boolean mask, both of shape
         `y_pred.shape[:-1]`.
     """
+    if isinstance(y_true, (list, tuple)):
+        y_true = np.asarray(y_true)
+    if (
+        isinstance(y_true, np.ndarray)
+        and np.issubdtype(y_true.dtype, np.integer)
+        and y_true.size
+        and (y_true.min() < 0 or y_true.max() > np.iinfo(np.int32).max)
+    ):
+        # Checked before the conversion: JAX without 64-bit mode converts
+        # int64 to int32, which would wrap 2**32 to class 0.
+        bad = y_true[(y_true < 0) | (y_true > np.iinfo(np.int32).max)]
+        raise ValueError(
+            "Invalid value in `y_true`. Expected integer class indices in "
+            f"[0, {static_num_classes(y_pred)}). Received: y_true containing "
+            f"{bad.ravel()[:5].tolist()}"
+        )
     y_true = ops.convert_to_tensor(y_true)
     if len(y_pred.shape) < 1:
         raise ValueError(
@@ -188,8 +212,10 @@ def sparse_labels(y_true, y_pred):
     if kind == "sparse1":
         y_true = ops.squeeze(y_true, axis=-1)
     if "int" in keras.backend.standardize_dtype(y_true.dtype):
-        labels = ops.cast(y_true, "int32")
-        valid = ops.logical_and(labels >= 0, labels < num_classes)
+        # The range check in the labels' own dtype: a cast to int32 first
+        # would wrap 2**32 to class 0.
+        valid = ops.logical_and(y_true >= 0, y_true < num_classes)
+        labels = ops.cast(ops.where(valid, y_true, 0), "int32")
     else:
         values = ops.cast(y_true, "float32")
         # NaN fails every comparison, so it is flagged too.

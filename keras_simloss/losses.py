@@ -107,8 +107,10 @@ class SimLoss(keras.losses.Loss):
             probabilities. Defaults to `False`.
         reduction: as for any Keras loss. Defaults to `"sum_over_batch_size"`.
         name: Defaults to `"sim_loss"`.
-        dtype: dtype of the reduced loss. The per-example loss is always
-            computed in float32. Defaults to `None` (`keras.config.floatx()`).
+        dtype: dtype of the reduced loss, `"float32"` or `"float64"` (Keras
+            casts the labels to it, so half precision is refused). The
+            per-example loss is always computed in float32. Defaults to
+            `None` (`keras.config.floatx()`).
 
     Shapes, as for Keras's cross entropies: `y_pred` is `(..., C)` (a batch,
     a sequence, an image of per-pixel scores); labels are class indices of
@@ -147,6 +149,21 @@ class SimLoss(keras.losses.Loss):
         name="sim_loss",
         dtype=None,
     ):
+        compute_dtype = (
+            dtype.compute_dtype if isinstance(dtype, keras.DTypePolicy) else dtype
+        )
+        if dtype is not None and keras.backend.standardize_dtype(compute_dtype) not in (
+            "float32",
+            "float64",
+        ):
+            # Keras casts the labels to the loss's dtype before `call`: in
+            # float16 or bfloat16 class indices above 2048 or 256 round.
+            raise ValueError(
+                "Invalid value for argument `dtype`. Expected None, 'float32' or "
+                "'float64' (Keras casts the labels to it, and half precision "
+                "would round class indices; the loss is computed in float32 "
+                f"under any policy anyway). Received: dtype={dtype!r}"
+            )
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         if not isinstance(from_logits, bool):
             raise TypeError(

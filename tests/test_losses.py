@@ -714,3 +714,36 @@ def test_probability_gradient_matches_finite_differences():
         down[index] -= step
         numeric[index] = (numpy_loss(up) - numpy_loss(down)) / (2 * step)
     np.testing.assert_allclose(gradient, numeric, rtol=2e-3, atol=2e-3)
+
+
+def test_large_int64_labels_do_not_wrap_to_a_class():
+    predictions = np.full((2, 4), 0.25, np.float32)
+    for labels in (np.array([0, 2**32], np.int64), np.array([0, -(2**32)], np.int64)):
+        with pytest.raises(ValueError, match=r"Invalid value in `y_true`"):
+            sim_loss(labels, predictions, similarity.ordinal(4, 0.5))
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.function input signatures")
+def test_labels_with_an_unknown_last_axis_of_the_predictions_rank_raise():
+    import tensorflow as tf
+
+    loss = SimLoss(similarity.ordinal(3, 0.5), from_logits=True)
+    traced = tf.function(
+        lambda y, p: loss(y, p),
+        input_signature=[
+            tf.TensorSpec((None, None), tf.float32),
+            tf.TensorSpec((None, 3), tf.float32),
+        ],
+    )
+    with pytest.raises(ValueError, match=r"last axis of `y_true` must have a known"):
+        traced.get_concrete_function()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "mixed_float16"])
+def test_half_precision_loss_dtype_is_refused(dtype):
+    # Keras casts labels to the loss dtype: 257 would become 256 in bfloat16.
+    if dtype == "mixed_float16":
+        dtype = keras.DTypePolicy(dtype)
+    with pytest.raises(ValueError, match=r"`dtype`.*round class indices"):
+        SimLoss(similarity.ordinal(3, 0.5), dtype=dtype)
+    assert SimLoss(similarity.ordinal(3, 0.5), dtype="float64").dtype == "float64"
