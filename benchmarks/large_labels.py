@@ -49,6 +49,10 @@ from keras_simloss import SimLoss, similarity  # noqa: E402
 SECTIONS = ("topk", "save", "memory", "steps", "million")
 
 
+def label(variant):
+    return {"scce": "SCCE", "ops_ce": "CE in keras.ops"}.get(variant, variant)
+
+
 def random_vectors(num_classes, dim, seed=0):
     return np.random.default_rng(seed).normal(size=(num_classes, dim)).astype("f4")
 
@@ -261,7 +265,7 @@ def section_memory(args):
         base = results["scce"]
         for variant, result in results.items():
             print(
-                f"| {batch_size} | {'SCCE' if variant == 'scce' else variant} | "
+                f"| {batch_size} | {label(variant)} | "
                 f"{result['peak_bytes'] / 2**20:.0f} | "
                 f"{(result['peak_bytes'] - base['peak_bytes']) / 2**20:.0f} | "
                 f"{result['steady_bytes'] / 2**20:.0f} | "
@@ -294,7 +298,7 @@ def step_ratios(num_classes, kinds, args, batch_size, hidden, rounds, steps):
     for variant in variants:
         print(
             f"| {num_classes:,} | {batch_size} | {args.features} -> {hidden} -> C | "
-            f"{'SCCE' if variant == 'scce' else variant} | "
+            f"{label(variant)} | "
             f"{median[variant] * 1e3:.1f} | {median[variant] / median['scce']:.3f} |",
             flush=True,
         )
@@ -310,7 +314,8 @@ def section_steps(args):
     for num_classes in args.step_classes:
         if num_classes >= 1_000_000:
             step_ratios(
-                num_classes, ["sparse"], args, args.million_batch,
+                num_classes, [kind for kind in args.kinds if kind in ("sparse", "ops_ce")],
+                args, args.million_batch,
                 args.million_hidden, max(3, args.rounds // 2), max(2, args.steps // 2),
             )  # fmt: skip
         else:
@@ -383,7 +388,13 @@ def main(argv=None):
     )
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--embedding-dim", type=int, default=300)
-    parser.add_argument("--kinds", nargs="+", default=["sparse", "embeddings"])
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        default=["sparse", "embeddings", "ordinal", "ops_ce"],
+        help="SimLoss variants of `memory` and `steps` (`ops_ce`: cross "
+        "entropy written with keras.ops, a reference)",
+    )
     parser.add_argument("--topk-classes", type=int, default=100_000)
     parser.add_argument("--topk-dim", type=int, default=300)
     parser.add_argument("--topk-rounds", type=int, default=1)
