@@ -541,6 +541,7 @@ GRADIENT_CASES = [
 COMPILED = [False, True] if JIT_COMPILE else [False]
 
 
+@pytest.mark.parametrize("closed_form", [None, True], ids=["default", "closed-form"])
 @pytest.mark.parametrize("compiled", COMPILED, ids=lambda c: f"compiled={c}")
 @pytest.mark.parametrize(
     "case, dense_table",
@@ -548,11 +549,15 @@ COMPILED = [False, True] if JIT_COMPILE else [False]
     ids=[f"{c}-{'table' if t else 'on-the-fly'}" for c, t in GRADIENT_CASES],
 )
 def test_gradients_match_closed_form_and_finite_differences(
-    case, dense_table, compiled
+    case, dense_table, compiled, closed_form
 ):
     from keras_simloss import sim_loss
 
     sim = CASES[case][0]()
+    if closed_form is not None:
+        sim._closed_form_gradient = closed_form  # the custom-gradient path
+    elif isinstance(sim, similarity.SparseSimilarity):
+        pytest.skip("its default is the closed form")
     if not dense_table and not isinstance(sim, similarity.SparseSimilarity):
         sim.dense_table_max_classes = 1
     assert sim._use_dense_table() is dense_table
