@@ -70,9 +70,7 @@ class _RatioMetric(keras.metrics.Metric):
         )
         # A label that is not a class (possible only inside compiled steps;
         # eager mode raised) makes the result NaN, as it makes the loss NaN.
-        numerator = _utils.nan_where_invalid(
-            numerator, ops.reshape(valid, (-1,))
-        )
+        numerator = _utils.nan_where_invalid(numerator, ops.reshape(valid, (-1,)))
         if sample_weight is not None:
             weight = _broadcast_weight(sample_weight, labels)
             numerator = numerator * weight
