@@ -31,8 +31,6 @@ __all__ = [
     "SuperclassAccuracy",
 ]
 
-_PACKAGE = "keras_simloss"
-
 
 class _RatioMetric(keras.metrics.Metric):
     """Weighted `sum(numerator) / sum(denominator)` over an epoch.
@@ -188,7 +186,7 @@ class _ClassDistanceMetric(_RatioMetric):
         return config
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@_utils.register
 class ClassMeanAbsoluteError(_ClassDistanceMetric):
     """Mean absolute error between the predicted and the true class.
 
@@ -237,7 +235,7 @@ class ClassMeanAbsoluteError(_ClassDistanceMetric):
         return error, ops.ones_like(error)
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@_utils.register
 class ClassMeanSquaredError(_ClassDistanceMetric):
     """Mean squared error between the predicted and the true class.
 
@@ -297,7 +295,7 @@ class _SuperclassMetric(_RatioMetric):
         return config
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@_utils.register
 class SuperclassAccuracy(_SuperclassMetric):
     """Superclass accuracy (SA): the predicted class is in the true superclass.
 
@@ -326,7 +324,7 @@ class SuperclassAccuracy(_SuperclassMetric):
         return correct, ops.ones_like(correct)
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@_utils.register
 class FailedSuperclassAccuracy(_SuperclassMetric):
     """Failed superclass accuracy (FSA): SA over the misclassified examples.
 
@@ -357,7 +355,7 @@ class FailedSuperclassAccuracy(_SuperclassMetric):
         return ops.cast(rescued, "float32"), ops.cast(mistake, "float32")
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@_utils.register
 class MistakeSeverity(_RatioMetric):
     """Mean severity of the mistakes: `1 - S[y, argmax(p)]` over mistakes.
 
@@ -413,7 +411,7 @@ class MistakeSeverity(_RatioMetric):
         self.similarity.load_own_variables(store)
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@_utils.register
 class ConfusionMatrix(keras.metrics.Metric):
     """Weighted confusion matrix over an epoch: `counts[true, predicted]`.
 

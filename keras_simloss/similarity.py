@@ -39,6 +39,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_simloss import _utils
+
 __all__ = [
     "EmbeddingSimilarity",
     "HierarchySimilarity",
@@ -54,8 +56,6 @@ __all__ = [
     "ordinal",
     "top_k",
 ]
-
-_PACKAGE = "keras_simloss"
 
 # Dense matrices up to this many classes are checked entry by entry after a
 # builder made them (C^2 work); larger ones rely on the argument checks, which
@@ -593,7 +593,7 @@ _ARCHIVE_KEY = "arrays_in_archive"
 _WITH_ARRAYS = weakref.WeakValueDictionary()
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@_utils.register
 class MatrixSimilarity(Similarity):
     """A class similarity given as a full `C x C` matrix.
 
@@ -630,7 +630,7 @@ class MatrixSimilarity(Similarity):
         return {"matrix": self.matrix}
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@_utils.register
 class OrdinalSimilarity(Similarity):
     """Similarity of ordered classes: `S[i, j] = r ** |i - j|` (Eq. 2).
 
@@ -685,7 +685,7 @@ class OrdinalSimilarity(Similarity):
         )
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@_utils.register
 class EmbeddingSimilarity(Similarity):
     """Similarity from class embeddings, computed on the fly.
 
@@ -796,7 +796,7 @@ class EmbeddingSimilarity(Similarity):
         )
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@_utils.register
 class HierarchySimilarity(Similarity):
     """Similarity from a tree of classes. Built by `from_hierarchy`.
 
@@ -881,7 +881,7 @@ class HierarchySimilarity(Similarity):
         )
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@_utils.register
 class SparseSimilarity(Similarity):
     """A similarity that keeps at most `k` similar classes per class.
 
