@@ -63,17 +63,12 @@ def sim_loss(y_true, y_pred, similarity, from_logits=False):
     labels = ops.reshape(labels, (-1,))
     y_pred = ops.reshape(y_pred, (-1, num_classes))
     if from_logits:
-        loss = ops.logsumexp(y_pred, axis=-1) - similarity.log_weighted_sum_exp(
-            labels, y_pred
-        )
+        loss = similarity.logit_loss(labels, y_pred)
     else:
-        epsilon = keras.config.epsilon()
         # As in Keras's cross entropy: clip so that log never sees 0, and
         # divide by the total so unnormalised inputs are treated as
         # distributions. The unit diagonal keeps the weighted sum >= epsilon.
-        probabilities = ops.clip(y_pred, epsilon, 1.0 - epsilon)
-        total = ops.sum(probabilities, axis=-1)
-        loss = ops.log(total) - ops.log(similarity.weighted_sum(labels, probabilities))
+        loss = similarity.probability_loss(labels, y_pred, keras.config.epsilon())
     # A label that is not a class (seen only inside compiled steps; eager
     # mode raised) gives NaN, never the loss of another class.
     return _utils.nan_where_invalid(ops.reshape(loss, leading), valid)

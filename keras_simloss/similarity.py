@@ -193,13 +193,78 @@ def _spread(terms, positions, like):
     `positions` in a zero tensor shaped `like` (summed where they repeat)."""
     if positions is None:
         return terms
+    return _scatter_add(ops.zeros_like(like), positions, terms)
+
+
+def _after(labels, value):
+    """`labels` again, as a tensor computed from `value` `(batch,)` or
+    `(batch, 1)`: the same values, except 0 where `value` is NaN (where the
+    loss, and so its gradient, is NaN anyway).
+
+    Rows computed from it wait for `value`, and a compiler cannot merge them
+    (common-subexpression elimination) with rows computed from `labels`
+    elsewhere. `logit_loss` and `probability_loss` use it so that their
+    `(batch, C)` temporaries exist one at a time: the forward pass's rows
+    after the normaliser, the backward pass's recomputed rows after the
+    forward pass's value (else a scheduler may compute them first and hold
+    them through the forward pass, or merge them with the forward pass's and
+    hold those until the backward pass).
+    """
+    return ops.where(ops.isnan(ops.reshape(value, (-1,))), 0, labels)
+
+
+def _with_gradient(forward, backward, inputs, labels):
+    """`forward(inputs, labels)[0]` with a gradient defined in closed form.
+
+    `forward(inputs, labels)` returns `(value, residuals)`;
+    `backward(inputs, labels, residuals, upstream)` returns the gradient
+    with respect to `inputs` (labels have none). Only `inputs`, `labels` and
+    `residuals` are kept for the backward pass, which computes everything
+    else itself. JAX gets an explicit `jax.custom_vjp`: with
+    `jax.custom_gradient` (what `keras.ops.custom_gradient` uses), every part
+    of the gradient that does not depend on `upstream` would be computed in
+    the forward pass and kept, `(batch, C)` buffers included.
+    """
+    if keras.config.backend() == "jax":
+        import jax
+
+        @jax.custom_vjp
+        def function(inputs, labels):
+            return forward(inputs, labels)[0]
+
+        def function_forward(inputs, labels):
+            value, residuals = forward(inputs, labels)
+            return value, (inputs, labels, residuals)
+
+        def function_backward(saved, upstream):
+            inputs, labels, residuals = saved
+            return backward(inputs, labels, residuals, upstream), None
+
+        function.defvjp(function_forward, function_backward)
+        return function(inputs, labels)
+
+    @ops.custom_gradient
+    def function(inputs, labels):
+        value, residuals = forward(inputs, labels)
+
+        def gradient(*args, upstream=None):
+            upstream = args[0] if upstream is None else upstream
+            return backward(inputs, labels, residuals, upstream), None
+
+        return value, gradient
+
+    return function(inputs, labels)
+
+
+def _scatter_add(inputs, positions, terms):
+    """`inputs` `(batch, C)` with `terms[i, n]` added at `positions[i, n]`."""
     batch = ops.shape(positions)[0]
     rows = ops.broadcast_to(
         ops.expand_dims(ops.arange(batch, dtype="int32"), -1), ops.shape(positions)
     )
     coordinates = ops.reshape(ops.stack([rows, positions], axis=-1), (-1, 2))
     return ops.scatter_update(
-        ops.zeros_like(like), coordinates, ops.reshape(terms, (-1,)), reduction="add"
+        inputs, coordinates, ops.reshape(terms, (-1,)), reduction="add"
     )
 
 
@@ -263,16 +328,19 @@ class Similarity:
     # The array arguments of the constructor (saved as arrays when large).
     _array_arguments = ()
 
-    # Whether `log_weighted_sum_exp` and `weighted_sum` define their gradient
-    # in closed form (`ops.custom_gradient`) rather than by automatic
-    # differentiation. For whole rows, autodiff under XLA measured the same
-    # memory and a little less time (TensorFlow, C = 100 to 100,000); the
-    # sparse form gains (one to two batch x C buffers fewer, faster).
-    _closed_form_gradient = False
+    # Whether `logit_loss`, `probability_loss`, `log_weighted_sum_exp` and
+    # `weighted_sum` define their gradient in closed form
+    # (`ops.custom_gradient`) rather than by automatic differentiation, which
+    # keeps a `(batch, C)` buffer from the forward pass for the backward one
+    # (`exp(z - max z)` of the logsumexp; the rows). False is kept for tests,
+    # which check that both give the same gradients.
+    _closed_form_gradient = True
 
-    # With the closed form: whether the backward pass recomputes the terms
-    # (cheap: a gather of k + 1 logits) instead of keeping them from the
-    # forward pass.
+    # With the closed form: whether the backward pass recomputes the rows
+    # (for tables, ordinal and hierarchy rows an elementwise pass that the
+    # compiler fuses into the gradient's; for neighbour lists a gather of
+    # k + 1 logits) instead of keeping them from the forward pass, which
+    # would hold a `(batch, C)` buffer through it.
     _recompute_rows = True
 
     # Up to this many classes, rows are gathered from a dense table built
@@ -348,14 +416,9 @@ class Similarity:
         `-inf` and drop out, and the unit diagonal keeps one finite term.
 
         The gradient is `d/dz_c = q_c` with
-        `q_c = S[y, c] exp(z_c) / sum_k S[y, k] exp(z_k)` (so SimLoss's is
-        `softmax(z) - q`, as cross entropy's is `softmax(z) - onehot(y)`). A
-        `SparseSimilarity` gives it in closed form: `q` at the `k + 1` classes
-        that count, recomputed in the backward pass from the logits and
-        placed into the gradient, so training holds no `batch x C` buffer
-        beyond cross entropy's and has no second derivative. Whole rows
-        (tables, on-the-fly rows) use automatic differentiation, which XLA
-        fuses at least as well (measured: same memory, slightly faster).
+        `q_c = S[y, c] exp(z_c) / sum_k S[y, k] exp(z_k)`, defined in closed
+        form and rebuilt in the backward pass (as in `logit_loss`, which is
+        what `SimLoss` uses).
 
         Args:
             labels: integer class indices of shape `(batch,)`.
@@ -369,29 +432,27 @@ class Similarity:
         if not self._closed_form_gradient:
             return ops.logsumexp(self._log_terms(labels, logits)[0], axis=-1)
 
-        @ops.custom_gradient
-        def function(logits, labels):
+        def forward(logits, labels):
             saved = self._log_terms(labels, logits)
             value = ops.logsumexp(saved[0], axis=-1)
             if self._recompute_rows:
                 saved = None  # nothing of size (batch, C) kept for backward
+            return value, (value, saved)
 
-            def gradient(*args, upstream=None):
-                upstream = args[0] if upstream is None else upstream
-                terms, positions = saved or self._log_terms(labels, logits)
-                q = ops.exp(terms - ops.expand_dims(value, -1))
-                q = q * ops.expand_dims(upstream, -1)
-                return _spread(q, positions, logits), None
+        def backward(logits, labels, residuals, upstream):
+            value, saved = residuals
+            terms, positions = saved or self._log_terms(_after(labels, value), logits)
+            q = ops.exp(terms - ops.expand_dims(value, -1))
+            q = q * ops.expand_dims(upstream, -1)
+            return _spread(q, positions, logits)
 
-            return value, gradient
-
-        return function(logits, labels)
+        return _with_gradient(forward, backward, logits, labels)
 
     def weighted_sum(self, labels, probabilities):
         """`sum_c S[y, c] * p_c` for each example; shape `(batch,)`.
 
-        The gradient is `d/dp_c = S[y, c]`; a `SparseSimilarity` gives it in
-        closed form, as for `log_weighted_sum_exp`.
+        The gradient is `d/dp_c = S[y, c]`, defined in closed form as for
+        `log_weighted_sum_exp`.
 
         Args:
             labels: integer class indices of shape `(batch,)`.
@@ -407,24 +468,139 @@ class Similarity:
             weights, values, _ = self._weight_terms(labels, probabilities)
             return ops.sum(weights * values, axis=-1)
 
-        @ops.custom_gradient
-        def function(probabilities, labels):
+        def forward(probabilities, labels):
             saved = self._weight_terms(labels, probabilities)
             value = ops.sum(saved[0] * saved[1], axis=-1)
             if self._recompute_rows:
                 saved = None  # nothing of size (batch, C) kept for backward
+            return value, (value, saved)
 
-            def gradient(*args, upstream=None):
-                upstream = args[0] if upstream is None else upstream
-                weights, _, positions = saved or self._weight_terms(
-                    labels, probabilities
-                )
-                weights = weights * ops.expand_dims(upstream, -1)
-                return _spread(weights, positions, probabilities), None
+        def backward(probabilities, labels, residuals, upstream):
+            value, saved = residuals
+            weights, _, positions = saved or self._weight_terms(
+                _after(labels, value), probabilities
+            )
+            weights = weights * ops.expand_dims(upstream, -1)
+            return _spread(weights, positions, probabilities)
 
-            return value, gradient
+        return _with_gradient(forward, backward, probabilities, labels)
 
-        return function(probabilities, labels)
+    def logit_loss(self, labels, logits):
+        """Per-example SimLoss from logits; shape `(batch,)`.
+
+        `-log(sum_c S[y, c] softmax(z)_c)`, computed in log space as
+        `-logsumexp(log_softmax(z) + log S[y])` (every term `<= 0`, so
+        nothing overflows). The gradient `d/dz = softmax(z) - q`, with
+        `q_c = S[y, c] softmax(z)_c / sum_k S[y, k] softmax(z)_k`, is defined
+        in closed form and rebuilt in the backward pass from the logits and
+        two numbers per example, in one elementwise pass over `(batch, C)`
+        (`k + 1` classes for a `SparseSimilarity`). Automatic
+        differentiation of the same formula would keep `(batch, C)` buffers
+        (`exp(z - max z)`, the rows) from the forward pass for the backward
+        one; this keeps none, so training holds no more `(batch, C)` buffers
+        than sparse categorical cross entropy (measured under XLA in
+        `benchmarks/large_labels.py`). `SimLoss` calls this.
+
+        Args:
+            labels: integer class indices of shape `(batch,)`.
+            logits: float tensor of shape `(batch, C)`; computed in float32.
+
+        Returns:
+            A float32 tensor of shape `(batch,)`.
+        """
+        labels = _int32(labels)
+        logits = _float32(logits)
+        if not self._closed_form_gradient:
+            normaliser = ops.expand_dims(ops.logsumexp(logits, axis=-1), -1)
+            terms, _ = self._log_terms(labels, logits, normaliser)
+            return -ops.logsumexp(terms, axis=-1)
+
+        def forward(logits, labels):
+            # The weighted sum is shifted by the normaliser: besides keeping
+            # every term <= 0, this makes it wait for the normaliser, so a
+            # compiler runs the two reductions one after the other and holds
+            # one temporary (batch, C) buffer at a time, not two.
+            normaliser = ops.expand_dims(ops.logsumexp(logits, axis=-1), -1)
+            saved = self._log_terms(_after(labels, normaliser), logits, normaliser)
+            value = -ops.logsumexp(saved[0], axis=-1)
+            if self._recompute_rows:
+                saved = None  # nothing of size (batch, C) kept for backward
+            return value, (normaliser, value, saved)
+
+        def backward(logits, labels, residuals, upstream):
+            normaliser, value, saved = residuals
+            terms, positions = saved or self._log_terms(
+                _after(labels, value), logits, normaliser
+            )
+            upstream = ops.expand_dims(upstream, -1)
+            softmax = ops.exp(logits - normaliser)
+            # q = exp(terms - log(sum(exp(terms)))) = exp(terms + value)
+            q = ops.exp(terms + ops.expand_dims(value, -1))
+            if positions is None:
+                return (softmax - q) * upstream
+            return _scatter_add(softmax * upstream, positions, -q * upstream)
+
+        return _with_gradient(forward, backward, logits, labels)
+
+    def probability_loss(self, labels, probabilities, epsilon):
+        """Per-example SimLoss from probabilities; shape `(batch,)`.
+
+        As Keras's cross entropy: `p` is clipped to `[epsilon, 1 - epsilon]`
+        and renormalised, `loss = -log(sum_c S[y, c] p_c / sum_c p_c)`. The
+        gradient `d/dp_c = m_c (1 / sum_k p_k - S[y, c] / sum_k S[y, k] p_k)`,
+        with `m_c = 1` where `epsilon <= p_c <= 1 - epsilon` and 0 where the
+        clip holds `p_c`, is defined in closed form and rebuilt in the
+        backward pass from `p` and two numbers per example, so no
+        `(batch, C)` buffer is kept from the forward pass (see
+        `logit_loss`). `SimLoss` calls this.
+
+        Args:
+            labels: integer class indices of shape `(batch,)`.
+            probabilities: float tensor of shape `(batch, C)`; computed in
+                float32.
+            epsilon: the clipping bound, in `(0, 0.5)`.
+
+        Returns:
+            A float32 tensor of shape `(batch,)`.
+        """
+        labels = _int32(labels)
+        probabilities = _float32(probabilities)
+        low, high = float(epsilon), 1.0 - float(epsilon)
+
+        def forward(probabilities, labels):
+            # The weighted sum divides by the total: as in `logit_loss`, the
+            # two reductions then run one after the other.
+            total = ops.sum(ops.clip(probabilities, low, high), axis=-1)
+            total = ops.expand_dims(total, -1)
+            saved = self._weight_terms(_after(labels, total), probabilities)
+            weights, values, _ = saved
+            weighted = ops.sum(weights * (ops.clip(values, low, high) / total), -1)
+            if self._recompute_rows:
+                saved = None  # nothing of size (batch, C) kept for backward
+            return -ops.log(weighted), (total, weighted, saved)
+
+        if not self._closed_form_gradient:
+            return forward(probabilities, labels)[0]
+
+        def backward(probabilities, labels, residuals, upstream):
+            total, weighted, saved = residuals
+            weights, values, positions = saved or self._weight_terms(
+                _after(labels, weighted), probabilities
+            )
+            scale = ops.expand_dims(upstream, -1) / total
+            whole = ops.where(
+                (probabilities >= low) & (probabilities <= high), scale, 0.0
+            )
+            part = ops.where(
+                (values >= low) & (values <= high),
+                weights * (scale / ops.expand_dims(weighted, -1)),
+                0.0,
+            )
+            if positions is None:
+                return whole - part
+            return _scatter_add(whole, positions, -part)
+
+        return _with_gradient(forward, backward, probabilities, labels)
 
     def pairs(self, labels, classes):
         """`S[labels[i], classes[i]]` for each example; shape `(batch,)`."""
@@ -434,8 +610,11 @@ class Similarity:
     # when the terms are whole rows `(batch, C)`, else the class index of
     # each term `(batch, n)` (a sparse similarity's own class and neighbours).
 
-    def _log_terms(self, labels, logits):
-        """`z_c + log S[y, c]` for the classes that count, and their classes."""
+    def _log_terms(self, labels, logits, shift=None):
+        """`z_c - shift + log S[y, c]` for the classes that count (`shift`:
+        `(batch, 1)` or None for 0), and their classes."""
+        if shift is not None:
+            logits = logits - shift
         return logits + self.log_rows(labels), None
 
     def _weight_terms(self, labels, probabilities):
@@ -692,10 +871,11 @@ class EmbeddingSimilarity(Similarity):
     `S[i, j] = max(0, s(i, j) - l) / (1 - l)` with `s(i, j) = max(0,
     cos(e_i, e_j))` and an exact unit diagonal (Eq. 3). The loss computes the
     rows of the batch's labels with one `(batch, d) x (d, C)` product, so the
-    state is the `C x d` table, never `C x C`. Built by `from_embeddings`.
+    state is the `C x d` table, never `C x C`. Built by `from_embeddings`
+    (see there for `keep_rows`).
     """
 
-    def __init__(self, vectors, lower_bound=0.0):
+    def __init__(self, vectors, lower_bound=0.0, keep_rows=False):
         table = _real_array(vectors, "vectors", "an array").astype(np.float32)
         if table.ndim != 2 or table.shape[0] < 2 or table.shape[1] < 1:
             raise ValueError(
@@ -716,8 +896,14 @@ class EmbeddingSimilarity(Similarity):
                 "row (the cosine similarity of a zero vector is undefined). "
                 f"Received: vectors[{int(np.argmax(norms == 0))}] is all zeros"
             )
+        if not isinstance(keep_rows, bool):
+            raise TypeError(
+                "Invalid type for argument `keep_rows`. Expected a bool. "
+                f"Received: keep_rows={keep_rows!r}"
+            )
         self.vectors = table
         self.lower_bound = _check_number("lower_bound", lower_bound, 0.0, 1.0)
+        self.keep_rows = keep_rows
         self.num_classes = table.shape[0]
         self._norms = norms  # float64, C numbers
 
@@ -753,7 +939,10 @@ class EmbeddingSimilarity(Similarity):
     def _compute_rows(self, labels):
         unit = self._unit_tensor()
         # (b, d) x (d, C): the only O(b C d) work; no C x C matrix is formed.
-        cosine = ops.matmul(ops.take(unit, labels, axis=0), ops.transpose(unit))
+        # An einsum rather than `matmul(x, transpose(unit))`: where the table
+        # is a compile-time constant (JAX), a transpose is folded into a
+        # second, transposed copy of it.
+        cosine = ops.einsum("bd,cd->bc", ops.take(unit, labels, axis=0), unit)
         same_class = ops.expand_dims(labels, -1) == ops.arange(
             self.num_classes, dtype="int32"
         )
@@ -779,20 +968,24 @@ class EmbeddingSimilarity(Similarity):
 
     _array_arguments = ("vectors",)
 
-    # With the closed-form gradient, recomputing the rows would repeat the
-    # (b, d) x (d, C) product in the backward pass; measured (TensorFlow,
-    # XLA, C = 100,000, batch 1,024) that saved no memory and cost time.
-    _recompute_rows = False
+    @property
+    def _recompute_rows(self):
+        return not self.keep_rows
 
     def _arguments(self):
-        return {"vectors": self.vectors, "lower_bound": self.lower_bound}
+        return {
+            "vectors": self.vectors,
+            "lower_bound": self.lower_bound,
+            "keep_rows": self.keep_rows,
+        }
 
     def __repr__(self):
         if "_pending" in self.__dict__:
             return super().__repr__()
         return (
             f"EmbeddingSimilarity(num_classes={self.num_classes}, "
-            f"dim={self.vectors.shape[1]}, lower_bound={self.lower_bound})"
+            f"dim={self.vectors.shape[1]}, lower_bound={self.lower_bound}"
+            + (", keep_rows=True)" if self.keep_rows else ")")
         )
 
 
@@ -963,8 +1156,6 @@ class SparseSimilarity(Similarity):
         values = ops.take(self._tensor("values", lambda: self.values), labels, axis=0)
         return indices, values
 
-    _closed_form_gradient = True  # k + 1 terms per example, not C
-
     def _use_dense_table(self):
         return False  # the neighbour lists are cheaper than any row
 
@@ -982,13 +1173,15 @@ class SparseSimilarity(Similarity):
         weights = ops.concatenate([ops.ones_like(values[:, :1]), values], axis=-1)
         return positions, weights
 
-    def _log_terms(self, labels, logits):
+    def _log_terms(self, labels, logits, shift=None):
         # k + 1 logits per example instead of a row of C. The true class
         # enters with log S = log 1 = 0; unused slots have log 0 = -inf and
         # drop out of the logsumexp.
         positions, weights = self._positions_and_weights(labels)
-        terms = ops.take_along_axis(logits, positions, axis=-1) + ops.log(weights)
-        return terms, positions
+        terms = ops.take_along_axis(logits, positions, axis=-1)
+        if shift is not None:
+            terms = terms - shift
+        return terms + ops.log(weights), positions
 
     def _weight_terms(self, labels, probabilities):
         positions, weights = self._positions_and_weights(labels)
@@ -1089,7 +1282,7 @@ def lower_bound(similarities, lower_bound):
     return MatrixSimilarity(rescaled)
 
 
-def from_embeddings(vectors, lower_bound=0.0):
+def from_embeddings(vectors, lower_bound=0.0, keep_rows=False):
     """Similarity from class-name embeddings (word vectors), Eq. 3.
 
     `sim(i, j) = max(0, cos(e_i, e_j))`, then `S = max(0, sim - l) / (1 - l)`
@@ -1099,13 +1292,20 @@ def from_embeddings(vectors, lower_bound=0.0):
 
     The rows are computed on the fly inside the loss from the `C x d` table,
     so this scales to very many classes; `numpy.asarray` gives the dense
-    matrix when it fits.
+    matrix when it fits. A training step computes the rows of its labels
+    twice, in the forward and in the backward pass, so that it holds no
+    `(batch, C)` buffer beyond what cross entropy holds; `keep_rows=True`
+    keeps them from the forward pass instead: one `(batch, d) x (d, C)`
+    product less per step, one `(batch, C)` float32 buffer more (measured in
+    the README's large-label tables).
 
     Args:
         vectors: array-like `(C, d)`, one non-zero vector per class.
         lower_bound: float `l` in `[0, 1)`. Defaults to `0.0`. The paper's
             CIFAR-100 runs found `l = 0.9` best for accuracy and `l = 0.0`
             collapsed.
+        keep_rows: bool, trade memory for time as above. Defaults to
+            `False`. The loss's values and gradients are the same either way.
 
     Returns:
         An `EmbeddingSimilarity`.
@@ -1116,7 +1316,7 @@ def from_embeddings(vectors, lower_bound=0.0):
     >>> np.asarray(s, dtype=np.float64).round(4).tolist()  # (cos 45deg - 0.5) / 0.5
     [[1.0, 0.4142, 0.0], [0.4142, 1.0, 0.4142], [0.0, 0.4142, 1.0]]
     """
-    return _checked(EmbeddingSimilarity(vectors, lower_bound))
+    return _checked(EmbeddingSimilarity(vectors, lower_bound, keep_rows))
 
 
 def from_hierarchy(ancestors, similarities=0.5):

@@ -8,6 +8,7 @@ from keras import ops
 from keras_simloss import similarity
 from keras_simloss.datasets import cifar100
 from tests.testing import (
+    BACKEND,
     JIT_COMPILE,
     assert_config_round_trip,
     compile_function,
@@ -67,6 +68,12 @@ CASES = {
     ),
     "embeddings-l0.3": (
         lambda: similarity.from_embeddings(_random_vectors(12, 3, 1), 0.3),
+        lambda: _embedding_reference(_random_vectors(12, 3, 1), 0.3),
+    ),
+    "embeddings-l0.3-keep-rows": (
+        lambda: similarity.from_embeddings(
+            _random_vectors(12, 3, 1), 0.3, keep_rows=True
+        ),
         lambda: _embedding_reference(_random_vectors(12, 3, 1), 0.3),
     ),
     "hierarchy-1level": (
@@ -541,7 +548,7 @@ GRADIENT_CASES = [
 COMPILED = [False, True] if JIT_COMPILE else [False]
 
 
-@pytest.mark.parametrize("closed_form", [None, True], ids=["default", "closed-form"])
+@pytest.mark.parametrize("closed_form", [False, True], ids=["autodiff", "closed-form"])
 @pytest.mark.parametrize("compiled", COMPILED, ids=lambda c: f"compiled={c}")
 @pytest.mark.parametrize(
     "case, dense_table",
@@ -554,10 +561,8 @@ def test_gradients_match_closed_form_and_finite_differences(
     from keras_simloss import sim_loss
 
     sim = CASES[case][0]()
-    if closed_form is not None:
-        sim._closed_form_gradient = closed_form  # the custom-gradient path
-    elif isinstance(sim, similarity.SparseSimilarity):
-        pytest.skip("its default is the closed form")
+    assert sim._closed_form_gradient  # the default, for every kind
+    sim._closed_form_gradient = closed_form
     if not dense_table and not isinstance(sim, similarity.SparseSimilarity):
         sim.dense_table_max_classes = 1
     assert sim._use_dense_table() is dense_table
@@ -626,6 +631,53 @@ def test_gradients_match_closed_form_and_finite_differences(
         shifted[index] -= 2 * step
         numeric[index] = (up - reference(shifted)) / (2 * step)
     np.testing.assert_allclose(gradient, numeric, rtol=1e-3, atol=1e-3)
+
+
+MEMORY_CASES = {
+    "table": lambda c: similarity.ordinal(c, 0.5),
+    "ordinal": lambda c: similarity.ordinal(c, 0.5),
+    "embeddings": lambda c: similarity.from_embeddings(_random_vectors(c, 8, 0), 0.2),
+    "hierarchy": lambda c: similarity.from_hierarchy(np.arange(c) // 8, 0.5),
+    "sparse": lambda c: similarity.SparseSimilarity(
+        (np.arange(c)[:, None] + np.arange(1, 4)[None, :]) % c, np.full((c, 3), 0.5)
+    ),
+}
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="XLA memory analysis through JAX")
+@pytest.mark.parametrize("case", list(MEMORY_CASES))
+def test_training_step_holds_no_more_batch_by_class_buffers_than_cross_entropy(case):
+    # XLA's buffer assignment is deterministic: the temporary memory of the
+    # compiled value-and-gradient, in units of one (batch, C) float32 buffer.
+    import jax
+
+    from keras_simloss import sim_loss
+
+    num_classes = 512 if case == "table" else 4096
+    sim = MEMORY_CASES[case](num_classes)
+    if case == "table":
+        assert sim._use_dense_table()
+    else:
+        sim.dense_table_max_classes = 1
+    rng = np.random.default_rng(0)
+    logits = jax.numpy.asarray(rng.normal(size=(64, num_classes)), "float32")
+    labels = jax.numpy.asarray(rng.integers(0, num_classes, 64), "int32")
+
+    def buffers(loss):
+        compiled = jax.jit(jax.value_and_grad(lambda z: jax.numpy.sum(loss(z))))
+        memory = compiled.lower(logits).compile().memory_analysis()
+        return memory.temp_size_in_bytes / logits.nbytes
+
+    cross_entropy = buffers(
+        lambda z: keras.losses.sparse_categorical_crossentropy(labels, z, True)
+    )
+    closed_form = buffers(lambda z: sim_loss(labels, z, sim, from_logits=True))
+    sim._closed_form_gradient = False
+    autodiff = buffers(lambda z: sim_loss(labels, z, sim, from_logits=True))
+    assert cross_entropy >= 1  # the reference does hold (batch, C) buffers
+    assert closed_form <= cross_entropy, (closed_form, cross_entropy)
+    if case != "sparse":  # sparse terms are (batch, k + 1) either way
+        assert closed_form < autodiff, (closed_form, autodiff)
 
 
 @pytest.mark.parametrize("case", ["sparse", "ordinal-r0.5"])
