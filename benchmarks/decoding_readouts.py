@@ -93,7 +93,10 @@ def table(records, grid):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--grid", type=float, nargs="+", default=[0.0, 0.3, 0.6])
     parser.add_argument("--runs", type=int, default=10, help="seeds per r")
     parser.add_argument("--first-seed", type=int, default=0)

@@ -50,7 +50,11 @@ SECTIONS = ("topk", "save", "memory", "steps", "million")
 
 
 def label(variant):
-    return {"scce": "SCCE", "ops_ce": "CE in keras.ops"}.get(variant, variant)
+    return {
+        "scce": "SCCE",
+        "ops_ce": "CE in keras.ops",
+        "embeddings_keep": "embeddings, keep_rows",
+    }.get(variant, variant)
 
 
 def random_vectors(num_classes, dim, seed=0):
@@ -382,7 +386,10 @@ def section_million(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument(
         "--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS
     )
@@ -391,9 +398,10 @@ def main(argv=None):
     parser.add_argument(
         "--kinds",
         nargs="+",
-        default=["sparse", "embeddings", "ordinal", "ops_ce"],
-        help="SimLoss variants of `memory` and `steps` (`ops_ce`: cross "
-        "entropy written with keras.ops, a reference)",
+        default=["sparse", "embeddings", "embeddings_keep", "ordinal", "ops_ce"],
+        help="SimLoss variants of `memory` and `steps` (`embeddings_keep`: "
+        "from_embeddings(..., keep_rows=True); `ops_ce`: cross entropy "
+        "written with keras.ops, a reference)",
     )
     parser.add_argument("--topk-classes", type=int, default=100_000)
     parser.add_argument("--topk-dim", type=int, default=300)

@@ -43,7 +43,9 @@ import numpy as np  # noqa: E402
 
 from keras_simloss import SimLoss, similarity  # noqa: E402
 
-SIMILARITIES = ("ordinal", "matrix", "hierarchy", "embeddings", "sparse", "ops_ce")
+SIMILARITIES = (
+    "ordinal", "matrix", "hierarchy", "embeddings", "embeddings_keep", "sparse", "ops_ce",
+)  # fmt: skip
 
 
 def make_similarity(kind, num_classes, args):
@@ -59,9 +61,13 @@ def make_similarity(kind, num_classes, args):
     if kind == "hierarchy":
         sim = similarity.from_hierarchy(np.arange(num_classes) // 10, 0.5)
         return sim, sim.ancestors.nbytes
-    if kind == "embeddings":
+    if kind in ("embeddings", "embeddings_keep"):
+        # `embeddings_keep`: the rows kept from the forward pass for the
+        # backward one (`keep_rows=True`) instead of computed twice.
         vectors = rng.normal(size=(num_classes, args.embedding_dim)).astype(np.float32)
-        sim = similarity.from_embeddings(vectors, lower_bound=0.3)
+        sim = similarity.from_embeddings(
+            vectors, lower_bound=0.3, keep_rows=kind == "embeddings_keep"
+        )
         return sim, vectors.nbytes
     if kind == "sparse":
         # Neighbour lists of the shape a top-k builder makes: k distinct other
@@ -180,7 +186,10 @@ def peak_memory(variant, num_classes, args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--classes", type=int, nargs="+", default=[100, 10000])
     parser.add_argument(
         "--similarities", nargs="+", default=["ordinal", "matrix"], choices=SIMILARITIES
