@@ -329,18 +329,19 @@ class Similarity:
     _array_arguments = ()
 
     # Whether `logit_loss`, `probability_loss`, `log_weighted_sum_exp` and
-    # `weighted_sum` define their gradient in closed form
-    # (`ops.custom_gradient`) rather than by automatic differentiation, which
-    # keeps a `(batch, C)` buffer from the forward pass for the backward one
-    # (`exp(z - max z)` of the logsumexp; the rows). False is kept for tests,
-    # which check that both give the same gradients.
+    # `weighted_sum` define their gradient in closed form (`_with_gradient`)
+    # rather than by automatic differentiation, which keeps `(batch, C)`
+    # buffers from the forward pass for the backward one (`exp(z - max z)`
+    # of the logsumexp; the rows). False is kept for tests, which check that
+    # both give the same gradients.
     _closed_form_gradient = True
 
     # With the closed form: whether the backward pass recomputes the rows
     # (for tables, ordinal and hierarchy rows an elementwise pass that the
     # compiler fuses into the gradient's; for neighbour lists a gather of
-    # k + 1 logits) instead of keeping them from the forward pass, which
-    # would hold a `(batch, C)` buffer through it.
+    # k + 1 logits; for embeddings a second product, see `keep_rows`)
+    # instead of keeping them from the forward pass, which would hold a
+    # `(batch, C)` buffer through it.
     _recompute_rows = True
 
     # Up to this many classes, rows are gathered from a dense table built

@@ -12,6 +12,7 @@ from tests.testing import (
     JIT_COMPILE,
     assert_config_round_trip,
     compile_function,
+    save_and_reload,
     softmax,
     value_and_gradient,
 )
@@ -351,6 +352,11 @@ def test_bad_matrix_is_rejected(case):
             ValueError,
             r"k < num_classes=3. Received: k=3",
         ),
+        (
+            lambda: similarity.from_embeddings(np.eye(3), keep_rows=1),
+            TypeError,
+            r"`keep_rows`. Expected a bool. Received: keep_rows=1",
+        ),
     ],
     ids=[
         "r=1",
@@ -371,6 +377,7 @@ def test_bad_matrix_is_rejected(case):
         "sparse-range",
         "sparse-value",
         "top-k-too-large",
+        "keep-rows-int",
     ],
 )
 def test_builders_reject_bad_arguments(call, error, message):
@@ -837,6 +844,25 @@ def test_old_list_configs_still_load():
     rebuilt = similarity.get(old)
     np.testing.assert_array_equal(
         np.asarray(rebuilt), np.asarray(similarity.from_embeddings(vectors, 0.2))
+    )
+    assert rebuilt.keep_rows is False  # saved before the argument existed
+
+
+@pytest.mark.parametrize("keep_rows", [False, True])
+def test_keep_rows_is_saved_with_the_model(tmp_path, keep_rows):
+    from keras_simloss import SimLoss
+
+    vectors = _random_vectors(100, 4, 2)  # 400 numbers: the archive path
+    sim = similarity.from_embeddings(vectors, 0.1, keep_rows=keep_rows)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(100)])
+    model.compile(loss=SimLoss(sim, from_logits=True))
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype("float32")
+    y = np.arange(8) * 11
+    model.train_on_batch(x, y)  # the optimizer's state exists, as after fit
+    loaded = save_and_reload(model, tmp_path)
+    assert loaded.loss.similarity.keep_rows is keep_rows
+    assert float(loaded.evaluate(x, y, verbose=0)) == float(
+        model.evaluate(x, y, verbose=0)
     )
 
 
