@@ -18,12 +18,13 @@ def sim_loss(y_true, y_pred, similarity, from_logits=False):
 
     With `S` the identity this is sparse categorical cross entropy. From
     logits `z` it is computed in log space as
-    `logsumexp(z) - logsumexp(z + log S[y])`, where `log 0 = -inf` and the unit
-    diagonal keeps one finite term. From probabilities it follows Keras's
-    cross entropy: probabilities are clipped to
-    `[epsilon, 1 - epsilon]` and renormalised, so
-    `loss = log(sum_c p_c) - log(sum_c S[y, c] p_c)`. Both run in float32
-    whatever the inputs' dtype.
+    `-logsumexp(log_softmax(z) + log S[y])`, where `log 0 = -inf` and the
+    unit diagonal keeps one finite term. From probabilities, as in Keras's
+    cross entropy, they are clipped to `[epsilon, 1 - epsilon]` so that log
+    never sees 0, and divided by their sum, so
+    `loss = -log(sum_c S[y, c] p_c / sum_c p_c)`. Both run in float32
+    whatever the inputs' dtype, with the gradient in closed form
+    (`Similarity.logit_loss`, `Similarity.probability_loss`).
 
     Args:
         y_true: class indices of shape `y_pred.shape[:-1]` (optionally with
@@ -65,9 +66,9 @@ def sim_loss(y_true, y_pred, similarity, from_logits=False):
     if from_logits:
         loss = similarity.logit_loss(labels, y_pred)
     else:
-        # As in Keras's cross entropy: clip so that log never sees 0, and
-        # divide by the total so unnormalised inputs are treated as
-        # distributions. The unit diagonal keeps the weighted sum >= epsilon.
+        # Clipped so that log never sees 0 and divided by the total, so
+        # unnormalised inputs are treated as distributions. The unit diagonal
+        # keeps the weighted sum >= epsilon / total.
         loss = similarity.probability_loss(labels, y_pred, keras.config.epsilon())
     # A label that is not a class (seen only inside compiled steps; eager
     # mode raised) gives NaN, never the loss of another class.

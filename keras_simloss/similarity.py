@@ -196,10 +196,31 @@ def _spread(terms, positions, like):
     return _scatter_add(ops.zeros_like(like), positions, terms)
 
 
+def _log_softmax_shift(logits):
+    """`(max z, log(sum(exp(z - max z))))`, each `(batch, 1)`:
+    `log_softmax(z) = (z - max z) - log(sum(exp(z - max z)))`.
+
+    A non-finite maximum is replaced by 0, as in Keras's logsumexp. The
+    maximum carries no gradient (log-softmax does not depend on it).
+    """
+    peak = ops.stop_gradient(ops.max(logits, axis=-1, keepdims=True))
+    peak = ops.where(ops.isfinite(peak), peak, 0.0)
+    total = ops.sum(ops.exp(logits - peak), axis=-1, keepdims=True)
+    return peak, ops.log(total)
+
+
+def _shifted(values, shift):
+    """`values` minus each tensor of `shift` in turn."""
+    for part in shift:
+        values = values - part
+    return values
+
+
 def _after(labels, value):
     """`labels` again, as a tensor computed from `value` `(batch,)` or
-    `(batch, 1)`: the same values, except 0 where `value` is NaN (where the
-    loss, and so its gradient, is NaN anyway).
+    `(batch, 1)`: the same values, except 0 where `value` is NaN. Only for
+    uses where a NaN `value` makes the whole row NaN anyway (in
+    `logit_loss` and `probability_loss` it comes from a NaN input).
 
     Rows computed from it wait for `value`, and a compiler cannot merge them
     (common-subexpression elimination) with rows computed from `labels`
@@ -220,10 +241,12 @@ def _with_gradient(forward, backward, inputs, labels):
     `backward(inputs, labels, residuals, upstream)` returns the gradient
     with respect to `inputs` (labels have none). Only `inputs`, `labels` and
     `residuals` are kept for the backward pass, which computes everything
-    else itself. JAX gets an explicit `jax.custom_vjp`: with
-    `jax.custom_gradient` (what `keras.ops.custom_gradient` uses), every part
-    of the gradient that does not depend on `upstream` would be computed in
-    the forward pass and kept, `(batch, C)` buffers included.
+    else itself. JAX gets an explicit `jax.custom_vjp` with exactly these
+    residuals, rather than `jax.custom_gradient` (what
+    `keras.ops.custom_gradient` uses), whose residuals are whatever its
+    backward rule closes over; elsewhere `keras.ops.custom_gradient`. (As
+    for any `custom_vjp`, JAX's forward-mode differentiation, `jax.jvp`,
+    does not apply; `jax.grad` and its nestings do.)
     """
     if keras.config.backend() == "jax":
         import jax
@@ -300,10 +323,10 @@ class Similarity:
 
     Subclasses implement `_compute_rows` (the similarity rows of a batch of
     labels, with `keras.ops`, traceable under XLA) and `numpy_rows` (the same
-    in NumPy, outside the graph), plus `get_config`. Losses and metrics call
-    `log_weighted_sum_exp`, `weighted_sum` and `pairs`; a subclass with a
-    cheaper form (such as sparse neighbour lists) overrides the pieces they
-    are made of (`_log_terms`, `_weight_terms`, `_pairs`).
+    in NumPy, outside the graph), plus `get_config`. `SimLoss` calls
+    `logit_loss` and `probability_loss`, metrics call `pairs`; a subclass
+    with a cheaper form (such as sparse neighbour lists) overrides the pieces
+    they are made of (`_log_terms`, `_weight_terms`, `_pairs`).
 
     `numpy.asarray(similarity)` gives the dense `float32` matrix.
 
@@ -442,7 +465,7 @@ class Similarity:
 
         def backward(logits, labels, residuals, upstream):
             value, saved = residuals
-            terms, positions = saved or self._log_terms(_after(labels, value), logits)
+            terms, positions = saved or self._log_terms(labels, logits)
             q = ops.exp(terms - ops.expand_dims(value, -1))
             q = q * ops.expand_dims(upstream, -1)
             return _spread(q, positions, logits)
@@ -478,9 +501,7 @@ class Similarity:
 
         def backward(probabilities, labels, residuals, upstream):
             value, saved = residuals
-            weights, _, positions = saved or self._weight_terms(
-                _after(labels, value), probabilities
-            )
+            weights, _, positions = saved or self._weight_terms(labels, probabilities)
             weights = weights * ops.expand_dims(upstream, -1)
             return _spread(weights, positions, probabilities)
 
@@ -512,29 +533,31 @@ class Similarity:
         labels = _int32(labels)
         logits = _float32(logits)
         if not self._closed_form_gradient:
-            normaliser = ops.expand_dims(ops.logsumexp(logits, axis=-1), -1)
-            terms, _ = self._log_terms(labels, logits, normaliser)
+            shift = _log_softmax_shift(logits)
+            terms, _ = self._log_terms(labels, logits, shift)
             return -ops.logsumexp(terms, axis=-1)
 
         def forward(logits, labels):
-            # The weighted sum is shifted by the normaliser: besides keeping
-            # every term <= 0, this makes it wait for the normaliser, so a
-            # compiler runs the two reductions one after the other and holds
-            # one temporary (batch, C) buffer at a time, not two.
-            normaliser = ops.expand_dims(ops.logsumexp(logits, axis=-1), -1)
-            saved = self._log_terms(_after(labels, normaliser), logits, normaliser)
+            # Log-softmax is `(z - max z) - log(sum(exp(z - max z)))`: both
+            # numbers are kept (not their rounded sum, the logsumexp, whose
+            # rounding at large |z| would shift every softmax entry alike).
+            # The weighted sum waits for them, so a compiler runs the two
+            # reductions one after the other and holds one temporary
+            # (batch, C) buffer at a time, not two.
+            shift = _log_softmax_shift(logits)
+            saved = self._log_terms(_after(labels, shift[1]), logits, shift)
             value = -ops.logsumexp(saved[0], axis=-1)
             if self._recompute_rows:
                 saved = None  # nothing of size (batch, C) kept for backward
-            return value, (normaliser, value, saved)
+            return value, (shift, value, saved)
 
         def backward(logits, labels, residuals, upstream):
-            normaliser, value, saved = residuals
+            shift, value, saved = residuals
             terms, positions = saved or self._log_terms(
-                _after(labels, value), logits, normaliser
+                _after(labels, value), logits, shift
             )
             upstream = ops.expand_dims(upstream, -1)
-            softmax = ops.exp(logits - normaliser)
+            softmax = ops.exp((logits - shift[0]) - shift[1])
             # q = exp(terms - log(sum(exp(terms)))) = exp(terms + value)
             q = ops.exp(terms + ops.expand_dims(value, -1))
             if positions is None:
@@ -546,10 +569,11 @@ class Similarity:
     def probability_loss(self, labels, probabilities, epsilon):
         """Per-example SimLoss from probabilities; shape `(batch,)`.
 
-        As Keras's cross entropy: `p` is clipped to `[epsilon, 1 - epsilon]`
-        and renormalised, `loss = -log(sum_c S[y, c] p_c / sum_c p_c)`. The
-        gradient `d/dp_c = m_c (1 / sum_k p_k - S[y, c] / sum_k S[y, k] p_k)`,
-        with `m_c = 1` where `epsilon <= p_c <= 1 - epsilon` and 0 where the
+        `p` is clipped to `[epsilon, 1 - epsilon]` (so that log never sees
+        0) and divided by its sum: `loss = -log(sum_c S[y, c] p_c / sum_c
+        p_c)`. The gradient
+        `d/dp_c = m_c (1 / sum_k p_k - S[y, c] / sum_k S[y, k] p_k)`, with
+        `m_c = 1` where `epsilon <= p_c <= 1 - epsilon` and 0 where the
         clip holds `p_c`, is defined in closed form and rebuilt in the
         backward pass from `p` and two numbers per example, so no
         `(batch, C)` buffer is kept from the forward pass (see
@@ -611,12 +635,11 @@ class Similarity:
     # when the terms are whole rows `(batch, C)`, else the class index of
     # each term `(batch, n)` (a sparse similarity's own class and neighbours).
 
-    def _log_terms(self, labels, logits, shift=None):
-        """`z_c - shift + log S[y, c]` for the classes that count (`shift`:
-        `(batch, 1)` or None for 0), and their classes."""
-        if shift is not None:
-            logits = logits - shift
-        return logits + self.log_rows(labels), None
+    def _log_terms(self, labels, logits, shift=()):
+        """`z_c - shift + log S[y, c]` for the classes that count, and their
+        classes. `shift`: `(batch, 1)` tensors subtracted one after the
+        other (see `_log_softmax_shift`)."""
+        return _shifted(logits, shift) + self.log_rows(labels), None
 
     def _weight_terms(self, labels, probabilities):
         """`(S[y, c], p_c)` for the classes that count, and their classes."""
@@ -1174,14 +1197,12 @@ class SparseSimilarity(Similarity):
         weights = ops.concatenate([ops.ones_like(values[:, :1]), values], axis=-1)
         return positions, weights
 
-    def _log_terms(self, labels, logits, shift=None):
+    def _log_terms(self, labels, logits, shift=()):
         # k + 1 logits per example instead of a row of C. The true class
         # enters with log S = log 1 = 0; unused slots have log 0 = -inf and
         # drop out of the logsumexp.
         positions, weights = self._positions_and_weights(labels)
-        terms = ops.take_along_axis(logits, positions, axis=-1)
-        if shift is not None:
-            terms = terms - shift
+        terms = _shifted(ops.take_along_axis(logits, positions, axis=-1), shift)
         return terms + ops.log(weights), positions
 
     def _weight_terms(self, labels, probabilities):

@@ -716,6 +716,64 @@ def test_probability_gradient_matches_finite_differences():
     np.testing.assert_allclose(gradient, numeric, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize(
+    "sim",
+    [
+        similarity.ordinal(6, 0.5),
+        similarity.SparseSimilarity([[1], [2], [3], [4], [5], [0]], [[0.5]] * 6),
+    ],
+    ids=["ordinal", "sparse"],
+)
+def test_probability_gradient_is_zero_where_the_clip_holds(sim):
+    # Entries below epsilon = 1e-7 or above 1 - epsilon are held by the clip
+    # and get no gradient; the others get 1 / sum(p) - S[y, c] / sum(S[y] p).
+    probabilities = np.array(
+        [
+            [1e-9, 0.5, 0.3, 0.2 - 1e-9, 0.0, 0.0],
+            [0.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+            [0.2, 0.2, 0.2, 0.2, 0.1, 0.1],
+        ],
+        np.float32,
+    )
+    labels = np.array([1, 2, 5])
+    upstream = np.array([1.0, 2.0, 0.5])
+    weights = keras.ops.convert_to_tensor(upstream, "float32")
+    _, gradient = value_and_gradient(
+        lambda p: keras.ops.sum(sim_loss(labels, p, sim) * weights), probabilities
+    )
+    clipped = np.clip(probabilities.astype(np.float64), 1e-7, 1 - 1e-7)
+    rows = np.asarray(sim, np.float64)[labels]
+    inside = (probabilities >= np.float32(1e-7)) & (
+        probabilities <= np.float32(1 - 1e-7)
+    )
+    expected = inside * (
+        1 / clipped.sum(-1, keepdims=True)
+        - rows / (rows * clipped).sum(-1, keepdims=True)
+    )
+    expected *= upstream[:, None]
+    np.testing.assert_allclose(gradient, expected, rtol=1e-5, atol=1e-6)
+    assert np.all(gradient[~inside] == 0)
+
+
+@pytest.mark.parametrize("scale", [1e2, 1e4, 1e6])
+def test_logit_gradient_keeps_its_precision_for_large_logits(scale):
+    # A rounded logsumexp (spacing 0.06 near 1e6) must not shift every
+    # softmax entry: the gradient is checked against float64 NumPy.
+    sim = similarity.ordinal(6, 0.5)
+    logits = np.full((2, 6), scale, np.float32)
+    logits[:, 3] -= 1.0
+    logits[1, 0] += 2.0
+    labels = np.array([0, 3])
+    _, gradient = value_and_gradient(
+        lambda z: keras.ops.sum(sim_loss(labels, z, sim, from_logits=True)), logits
+    )
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    probabilities = softmax(shifted)
+    weighted = np.asarray(sim, np.float64)[labels] * probabilities
+    expected = probabilities - weighted / weighted.sum(-1, keepdims=True)
+    np.testing.assert_allclose(gradient, expected, atol=1e-6)
+
+
 def test_large_int64_labels_do_not_wrap_to_a_class():
     predictions = np.full((2, 4), 0.25, np.float32)
     for labels in (np.array([0, 2**32], np.int64), np.array([0, -(2**32)], np.int64)):

@@ -688,6 +688,36 @@ def test_training_step_holds_no_more_batch_by_class_buffers_than_cross_entropy(c
 
 
 @pytest.mark.parametrize("case", ["sparse", "ordinal-r0.5"])
+def test_weighted_sum_gradient_ignores_a_nan_elsewhere_in_the_row(case):
+    # d/dp sum_c S[y, c] p_c = S[y] whatever p holds: a NaN probability in
+    # the row makes the value NaN, not the other gradient entries wrong.
+    sim = CASES[case][0]()
+    matrix = np.asarray(sim, np.float64)
+    probabilities = np.full((2, sim.num_classes), 0.2, np.float32)
+    probabilities[0, -1] = np.nan
+    labels = np.array([2, 1])
+    value, gradient = value_and_gradient(
+        lambda p: ops.sum(sim.weighted_sum(labels, p)), probabilities
+    )
+    assert np.isnan(value)
+    np.testing.assert_allclose(gradient, matrix[labels], rtol=1e-6)
+
+
+@pytest.mark.parametrize("keep_rows", [False, True])
+def test_keep_rows_decides_whether_the_backward_pass_computes_rows(keep_rows):
+    sim = similarity.from_embeddings(_random_vectors(12, 3, 1), keep_rows=keep_rows)
+    sim.dense_table_max_classes = 1  # rows on the fly
+    calls = []
+    compute_rows = sim._compute_rows
+    sim._compute_rows = lambda labels: calls.append(1) or compute_rows(labels)
+    logits = np.random.default_rng(0).normal(size=(4, 12)).astype("float32")
+    value_and_gradient(
+        lambda z: ops.sum(sim.logit_loss(np.array([0, 3, 5, 11]), z)), logits
+    )
+    assert len(calls) == (1 if keep_rows else 2)
+
+
+@pytest.mark.parametrize("case", ["sparse", "ordinal-r0.5"])
 def test_variable_predictions(case):
     # A variable is not a tensor on TensorFlow (no `ndim`); it used to fail
     # in the sparse path's gathers.
