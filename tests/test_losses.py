@@ -805,3 +805,87 @@ def test_half_precision_loss_dtype_is_refused(dtype):
     with pytest.raises(ValueError, match=r"`dtype`.*round class indices"):
         SimLoss(similarity.ordinal(3, 0.5), dtype=dtype)
     assert SimLoss(similarity.ordinal(3, 0.5), dtype="float64").dtype == "float64"
+
+
+# A training step compiled by XLA (TensorFlow): the bytes of its temporary
+# buffers, read from XLA's buffer assignment (deterministic for a program),
+# in a child process because XLA reads its dump flags once per process.
+_STEP_MEMORY_SCRIPT = r"""
+import sys
+import numpy as np
+import keras
+from keras_simloss import SimLoss, similarity
+
+kind, closed_form, num_classes = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+rng = np.random.default_rng(0)
+if kind == "scce":
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+else:
+    sim = {
+        "ordinal": lambda: similarity.ordinal(num_classes, 0.5),
+        "embeddings": lambda: similarity.from_embeddings(
+            rng.normal(size=(num_classes, 8)), 0.2
+        ),
+        "hierarchy": lambda: similarity.from_hierarchy(np.arange(num_classes) // 8),
+        "sparse": lambda: similarity.SparseSimilarity(
+            (np.arange(num_classes)[:, None] + np.arange(1, 4)) % num_classes,
+            np.full((num_classes, 3), 0.5),
+        ),
+    }[kind]()
+    sim.dense_table_max_classes = 1  # rows on the fly
+    sim._closed_form_gradient = closed_form
+    loss = SimLoss(sim, from_logits=True)
+model = keras.Sequential(
+    [
+        keras.Input((32,)),
+        keras.layers.Dense(64, activation="relu"),
+        keras.layers.Dense(num_classes),
+    ]
+)
+model.compile(optimizer="adam", loss=loss, jit_compile=True)
+model.train_on_batch(
+    rng.normal(size=(256, 32)).astype("float32"), rng.integers(0, num_classes, 256)
+)
+"""
+
+
+def _xla_step_temp_bytes(tmp_path, kind, closed_form, num_classes):
+    import glob
+    import os
+    import subprocess
+    import sys
+
+    dump = tmp_path / f"{kind}-{closed_form}"
+    env = dict(
+        os.environ,
+        KERAS_BACKEND="tensorflow",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        XLA_FLAGS=f"--xla_dump_to={dump} --xla_dump_hlo_as_text",
+    )
+    command = [sys.executable, "-c", _STEP_MEMORY_SCRIPT, kind]
+    command += ["1" if closed_form else "0", str(num_classes)]
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    files = glob.glob(str(dump / "*one_step_on_data*buffer-assignment.txt"))
+    assert len(files) == 1, f"expected one train-step buffer assignment: {files}"
+    with open(files[0]) as handle:
+        found = re.search(r"Total bytes used: (\d+)", handle.read())
+    assert found, "XLA's buffer-assignment dump has no 'Total bytes used' line"
+    return int(found.group(1))
+
+
+@pytest.mark.skipif(
+    BACKEND != "tensorflow", reason="XLA's buffer assignment through TensorFlow"
+)
+def test_compiled_step_holds_no_more_batch_by_class_buffers_than_scce(tmp_path):
+    num_classes = 8192
+    buffer = 256 * num_classes * 4  # one (batch, C) float32 buffer
+
+    def extra(kind, closed_form=True):
+        used = _xla_step_temp_bytes(tmp_path, kind, closed_form, num_classes)
+        return (used - reference) / buffer
+
+    reference = _xla_step_temp_bytes(tmp_path, "scce", True, num_classes)
+    # The measure sees the buffer that automatic differentiation keeps.
+    assert extra("ordinal", closed_form=False) > 0.75
+    for kind in ("ordinal", "embeddings", "hierarchy", "sparse"):
+        assert extra(kind) < 0.25, kind

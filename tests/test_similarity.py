@@ -655,7 +655,11 @@ MEMORY_CASES = {
 @pytest.mark.parametrize("case", list(MEMORY_CASES))
 def test_training_step_holds_no_more_batch_by_class_buffers_than_cross_entropy(case):
     # XLA's buffer assignment is deterministic: the temporary memory of the
-    # compiled value-and-gradient, in units of one (batch, C) float32 buffer.
+    # compiled value-and-gradient of the loss alone, in units of one
+    # (batch, C) float32 buffer. On JAX this tells the closed form from
+    # automatic differentiation only; the scheduling details (`_after`,
+    # recomputed rows) are checked on TensorFlow in test_losses.py, where a
+    # whole compiled training step shows them.
     import jax
 
     from keras_simloss import sim_loss
