@@ -515,7 +515,7 @@ class Similarity:
         nothing overflows). The gradient `d/dz = softmax(z) - q`, with
         `q_c = S[y, c] softmax(z)_c / sum_k S[y, k] softmax(z)_k`, is defined
         in closed form and rebuilt in the backward pass from the logits and
-        two numbers per example, in one elementwise pass over `(batch, C)`
+        three numbers per example, in one elementwise pass over `(batch, C)`
         (`k + 1` classes for a `SparseSimilarity`). Automatic
         differentiation of the same formula would keep `(batch, C)` buffers
         (`exp(z - max z)`, the rows) from the forward pass for the backward
