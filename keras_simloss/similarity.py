@@ -63,28 +63,6 @@ __all__ = [
 _MAX_CLASSES_CHECKED_DENSE = 2048
 
 
-def _check_number(name, value, low, high, high_inclusive=False):
-    """Validates a scalar argument in `[low, high)` (or `[low, high]`)."""
-    if isinstance(value, bool) or not isinstance(
-        value, (int, float, np.floating, np.integer)
-    ):
-        raise TypeError(
-            f"Invalid type for argument `{name}`. Expected a number. "
-            f"Received: {name}={value!r} of type {type(value).__name__}"
-        )
-    upper = "<=" if high_inclusive else "<"
-    if not (
-        math.isfinite(value)
-        and low <= value
-        and (value <= high if high_inclusive else value < high)
-    ):
-        raise ValueError(
-            f"Invalid value for argument `{name}`. Expected {low} <= {name} "
-            f"{upper} {high}. Received: {name}={value}"
-        )
-    return float(value)
-
-
 def _check_num_classes(num_classes, name="num_classes"):
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
         raise TypeError(
@@ -842,7 +820,7 @@ class OrdinalSimilarity(Similarity):
 
     def __init__(self, num_classes, reduction_factor):
         self.num_classes = _check_num_classes(num_classes)
-        self.reduction_factor = _check_number(
+        self.reduction_factor = _utils.check_number(
             "reduction_factor", reduction_factor, 0.0, 1.0
         )
 
@@ -926,7 +904,7 @@ class EmbeddingSimilarity(Similarity):
                 f"Received: keep_rows={keep_rows!r}"
             )
         self.vectors = table
-        self.lower_bound = _check_number("lower_bound", lower_bound, 0.0, 1.0)
+        self.lower_bound = _utils.check_number("lower_bound", lower_bound, 0.0, 1.0)
         self.keep_rows = keep_rows
         self.num_classes = table.shape[0]
         self._norms = norms  # float64, C numbers
@@ -1045,7 +1023,7 @@ class HierarchySimilarity(Similarity):
                 f"similarities={np.asarray(similarities).tolist()}"
             )
         for value in values:
-            _check_number("similarities", float(value), 0.0, 1.0)
+            _utils.check_number("similarities", float(value), 0.0, 1.0)
         self.ancestors = levels.astype(np.int64)
         self.similarities = values
         self.num_classes = levels.shape[1]
@@ -1297,7 +1275,7 @@ def lower_bound(similarities, lower_bound):
     >>> np.asarray(s, dtype=np.float64).round(6).tolist()  # (0.6 - 0.5) / 0.5
     [[1.0, 0.2], [0.2, 1.0]]
     """
-    bound = _check_number("lower_bound", lower_bound, 0.0, 1.0)
+    bound = _utils.check_number("lower_bound", lower_bound, 0.0, 1.0)
     matrix = validate_matrix(similarities, name="similarities").astype(np.float64)
     rescaled = np.maximum(matrix - bound, 0.0) / (1.0 - bound)
     np.fill_diagonal(rescaled, 1.0)
@@ -1626,7 +1604,7 @@ def from_confusion(confusion, lower_bound=0.0):
         Related: Zhang et al., "Delving Deep into Label Smoothing" (Online
         Label Smoothing), 2021. https://arxiv.org/abs/2011.12562
     """
-    bound = _check_number("lower_bound", lower_bound, 0.0, 1.0)
+    bound = _utils.check_number("lower_bound", lower_bound, 0.0, 1.0)
     if keras.ops.is_tensor(confusion):
         confusion = ops.convert_to_numpy(confusion)
     try:
