@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from keras_simloss import ConfusionMatrix, SimLoss, similarity
-from tests.testing import assert_config_round_trip
+from tests.testing import assert_config_round_trip, labelled_logits
 
 NUM_CLASSES = 5
 
@@ -37,14 +37,7 @@ def ref_from_confusion(counts, bound=0.0):
 
 
 def _data(seed, n=43):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, NUM_CLASSES, size=n)
-    logits = rng.normal(size=(n, NUM_CLASSES)).astype(np.float32)
-    right = rng.uniform(size=n) < 0.5
-    logits[right, y[right]] += 10.0
-    weights = rng.uniform(0.0, 2.0, size=n).astype(np.float32)
-    weights[:3] = 0.0
-    return y, logits, weights
+    return labelled_logits(seed, NUM_CLASSES, n)
 
 
 # ConfusionMatrix ---------------------------------------------------------

@@ -15,6 +15,7 @@ from tests.testing import (
     JIT_COMPILE,
     assert_config_round_trip,
     compile_function,
+    labelled_logits,
     softmax,
 )
 
@@ -79,15 +80,7 @@ METRICS = {
 
 
 def _data(seed, n=37):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, NUM_CLASSES, size=n)
-    logits = rng.normal(size=(n, NUM_CLASSES)).astype(np.float32)
-    # Make about half the predictions right so both branches are exercised.
-    right = rng.uniform(size=n) < 0.5
-    logits[right, y[right]] += 10.0
-    weights = rng.uniform(0.0, 2.0, size=n).astype(np.float32)
-    weights[:3] = 0.0
-    return y, logits, weights
+    return labelled_logits(seed, NUM_CLASSES, n)
 
 
 @pytest.mark.parametrize("name", list(METRICS), ids=list(METRICS))

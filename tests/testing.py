@@ -89,3 +89,17 @@ def value_and_gradient(function, x):
 
 def to_numpy(x):
     return keras.ops.convert_to_numpy(x)
+
+
+def labelled_logits(seed, num_classes, n):
+    """`(labels, logits, sample weights)` of `n` examples: about half the
+    predictions right (so metrics see both branches), the first three
+    weights 0."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, num_classes, size=n)
+    logits = rng.normal(size=(n, num_classes)).astype(np.float32)
+    right = rng.uniform(size=n) < 0.5
+    logits[right, y[right]] += 10.0
+    weights = rng.uniform(0.0, 2.0, size=n).astype(np.float32)
+    weights[:3] = 0.0
+    return y, logits, weights
