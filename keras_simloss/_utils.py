@@ -6,6 +6,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_simloss import _backend
+
 PACKAGE = "keras_simloss"
 """The package name under which every public class is registered."""
 
@@ -13,6 +15,60 @@ PACKAGE = "keras_simloss"
 def register(cls):
     """`keras.saving.register_keras_serializable` with this package's name."""
     return keras.saving.register_keras_serializable(package=PACKAGE)(cls)
+
+
+# Argument validators. One exception type per kind of mistake, as in Keras:
+# a `TypeError` when the argument has the wrong type (a float where an int is
+# needed, a string where a number is), a `ValueError` when its type is right
+# but its value is not (out of range, wrong shape, not finite). Messages name
+# the argument, the expected and the received value.
+
+
+def check_int(name, value, low=None, high=None, high_name=None):
+    """Validates an integer argument in `[low, high)`; returns a Python int.
+
+    Python and NumPy integers are accepted (booleans are not); `low` and
+    `high` are optional bounds, `low` inclusive and `high` exclusive.
+    `high_name` names the upper bound in the message (`k < num_classes=10`).
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(
+            f"Invalid type for argument `{name}`. Expected an int. "
+            f"Received: {name}={value!r} of type {type(value).__name__}"
+        )
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value >= high):
+        if high is None:
+            bounds = f"{name} >= {low}"
+        else:
+            upper = f"{high_name}={high}" if high_name else f"{high}"
+            lower = f"{low} <= " if low is not None else ""
+            bounds = f"{lower}{name} < {upper}"
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected an int with "
+            f"{bounds}. Received: {name}={value}"
+        )
+    return value
+
+
+def check_bool(name, value):
+    """Validates a boolean argument (a Python bool, nothing coerced)."""
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"Invalid type for argument `{name}`. Expected a bool. "
+            f"Received: {name}={value!r}"
+        )
+    return value
+
+
+def check_choice(name, value, choices):
+    """Validates that `value` is one of `choices` (strings)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected one of "
+            f"{tuple(choices)}. Received: {name}={value!r}"
+        )
+    return value
 
 
 def check_number(
@@ -56,41 +112,77 @@ def check_number(
     return value
 
 
-def concrete_value(x):
-    """Returns `x` as a NumPy array when it holds concrete values, else `None`.
+def real_array(name, value, expected, integer=False):
+    """`value` as a NumPy array of real numbers (or of integers).
 
-    Inside a traced function (`tf.function`, XLA, `jax.jit`,
-    `torch.compile`) tensors are symbolic and their values are unknown;
-    checks that need values (labels in range, one-hot rows) can then only run
-    in eager mode.
+    `numpy.asarray(value, float)` would also take numeric strings ("0.5") and
+    drop the imaginary part of complex numbers, so the dtype is checked
+    before any conversion: anything but real numbers (booleans included) or,
+    with `integer=True`, integers raises a `TypeError`. `expected` describes
+    the array in the message ("a square matrix").
     """
-    if isinstance(x, np.ndarray):
-        return x
-    backend = keras.config.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        if not tf.executing_eagerly() or not hasattr(x, "numpy"):
-            return None
-        return x.numpy()
-    if backend == "jax":
-        import jax
-
-        if isinstance(x, jax.core.Tracer):
-            return None
-    if backend == "torch":
-        import torch
-
-        if torch.compiler.is_compiling():
-            return None
-        if isinstance(x, torch.Tensor) and x.device.type == "meta":
-            return None
-    if isinstance(x, keras.KerasTensor):
-        return None
+    what = "integers" if integer else "real numbers"
+    if keras.ops.is_tensor(value):
+        value = ops.convert_to_numpy(value)
     try:
-        return ops.convert_to_numpy(x)
-    except Exception:  # a symbolic tensor of another kind
+        array = np.asarray(value)
+    except (TypeError, ValueError) as error:  # e.g. ragged nested lists
+        raise TypeError(
+            f"Invalid type for argument `{name}`. Expected {expected} of "
+            f"{what}. Received: {name} of type {type(value).__name__} ({error})"
+        ) from None
+    if array.dtype.kind not in ("iu" if integer else "biuf"):
+        raise TypeError(
+            f"Invalid type for argument `{name}`. Expected {expected} of "
+            f"{what}. Received: {name} of dtype {array.dtype}"
+        )
+    return array
+
+
+def check_vector(name, value, integer=False, per="class"):
+    """A 1-D array of at least 2 numbers (finite) or integers, one per `per`.
+
+    Returns a float64 (or int64) NumPy array. Wrong dtypes raise a
+    `TypeError` (see `real_array`), a wrong shape or a non-finite value a
+    `ValueError`.
+    """
+    array = real_array(name, value, "a 1-D array", integer=integer)
+    if array.ndim != 1 or array.shape[0] < 2:
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected a 1-D array, one "
+            f"per {per} (at least 2). Received: {name} of shape {array.shape}"
+        )
+    if integer:
+        return array.astype(np.int64)
+    array = array.astype(np.float64)
+    if not np.all(np.isfinite(array)):
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected finite values. "
+            f"Received: {name}={array.tolist()}"
+        )
+    return array
+
+
+def check_class_values(class_values, increasing=False):
+    """Validates `class_values`, the value of each class; float32 or `None`.
+
+    Any finite 1-D array of at least 2 numbers; with `increasing=True`
+    (the median read-out) strictly increasing values, since "the first class
+    whose cumulative probability reaches 0.5" is the median only when the
+    classes are in the order of their values.
+    """
+    if class_values is None:
         return None
+    array = check_vector("class_values", class_values)
+    if increasing and np.any(np.diff(array) <= 0):
+        i = int(np.argmax(np.diff(array) <= 0))
+        raise ValueError(
+            "Invalid value for argument `class_values`. Expected strictly "
+            'increasing values for method="median" (the classes must be in '
+            "the order of their values). Received: class_values"
+            f"[{i}]={array[i]}, class_values[{i + 1}]={array[i + 1]}"
+        )
+    return array.astype(np.float32)
 
 
 def static_num_classes(y_pred, what="y_pred"):
@@ -199,9 +291,9 @@ def sparse_labels(y_true, y_pred):
         exact = ops.all(ops.logical_or(rows == 0.0, rows == 1.0), axis=-1)
         valid = ops.logical_and(exact, ops.sum(rows, axis=-1) == 1.0)
         labels = ops.cast(ops.argmax(rows, axis=-1), "int32")
-        values = concrete_value(valid)
+        values = _backend.concrete_value(valid)
         if values is not None and not np.all(values):
-            bad = concrete_value(rows)[~values][0]
+            bad = _backend.concrete_value(rows)[~values][0]
             raise ValueError(
                 "Invalid value in `y_true`. Labels of the predictions' shape "
                 "must be one-hot: every row all zeros but a single 1 (soft "
@@ -224,15 +316,39 @@ def sparse_labels(y_true, y_pred):
             values == ops.floor(values),
         )
         labels = ops.cast(ops.where(valid, values, 0.0), "int32")
-    concrete = concrete_value(valid)
+    concrete = _backend.concrete_value(valid)
     if concrete is not None and not np.all(concrete):
-        bad = np.asarray(concrete_value(y_true))[~concrete]
+        bad = np.asarray(_backend.concrete_value(y_true))[~concrete]
         raise ValueError(
             "Invalid value in `y_true`. Expected integer class indices in "
             f"[0, {num_classes}). Received: y_true containing "
             f"{bad.ravel()[:5].tolist()}"
         )
     return ops.where(valid, labels, 0), valid
+
+
+def expand_sample_weight(sample_weight, values):
+    """Sample weights as a float32 tensor that broadcasts against `values`.
+
+    As in Keras: a scalar, per-example weights `(batch,)` or `(batch, 1)`,
+    or per-element weights of `values`' shape (optionally with a trailing
+    1, which is dropped); missing trailing axes (time steps, pixels) are
+    added, so a per-example weight spreads over them.
+    """
+    weight = ops.cast(ops.convert_to_tensor(sample_weight), "float32")
+    rank = len(values.shape)
+    if len(weight.shape) == rank + 1 and weight.shape[-1] == 1:
+        weight = ops.squeeze(weight, -1)
+    if len(weight.shape) > rank:
+        raise ValueError(
+            "Invalid shape for argument `sample_weight`. Expected a scalar, "
+            "the labels' leading shape or the labels' shape. Received: "
+            f"sample_weight.shape={tuple(weight.shape)} for labels of shape "
+            f"{tuple(values.shape)}"
+        )
+    while len(weight.shape) < rank:
+        weight = ops.expand_dims(weight, -1)
+    return weight
 
 
 def nan_where_invalid(values, valid):

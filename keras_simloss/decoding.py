@@ -24,7 +24,6 @@ References:
 """
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_simloss import _utils
@@ -32,56 +31,6 @@ from keras_simloss import _utils
 __all__ = ["METHODS", "OrdinalDecoding", "decode_ordinal"]
 
 METHODS = ("argmax", "median", "mean")
-
-
-def _check_method(method, argument="method"):
-    """Validates a read-out name; `argument` names it in the error."""
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(
-            f"Invalid value for argument `{argument}`. Expected one of "
-            f"{METHODS}. Received: {argument}={method!r}"
-        )
-    return method
-
-
-def _check_class_values(class_values, method):
-    """Validates `class_values` (array-like); returns a float32 NumPy array.
-
-    Any finite 1-D array of at least 2 numbers is accepted for `"argmax"`
-    and `"mean"`; `"median"` also needs strictly increasing values, since
-    "the first class whose cumulative probability reaches 0.5" is the median
-    only when the classes are in the order of their values.
-    """
-    if class_values is None:
-        return None
-    try:
-        array = np.asarray(class_values, dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise TypeError(
-            "Invalid value for argument `class_values`. Expected a 1-D array "
-            f"of numbers, one per class. Received: class_values of type "
-            f"{type(class_values).__name__} ({error})"
-        ) from None
-    if array.ndim != 1 or array.shape[0] < 2:
-        raise ValueError(
-            "Invalid value for argument `class_values`. Expected a 1-D array "
-            "of numbers, one per class (at least 2). Received: class_values "
-            f"of shape {array.shape}"
-        )
-    if not np.all(np.isfinite(array)):
-        raise ValueError(
-            "Invalid value for argument `class_values`. Expected finite "
-            f"values. Received: class_values={array.tolist()}"
-        )
-    if method == "median" and np.any(np.diff(array) <= 0):
-        i = int(np.argmax(np.diff(array) <= 0))
-        raise ValueError(
-            "Invalid value for argument `class_values`. Expected strictly "
-            'increasing values for method="median" (the classes must be in '
-            "the order of their values). Received: class_values"
-            f"[{i}]={array[i]}, class_values[{i + 1}]={array[i + 1]}"
-        )
-    return array.astype(np.float32)
 
 
 def _check_shape(y_pred, class_values):
@@ -170,10 +119,9 @@ def decode_ordinal(y_pred, method="argmax", class_values=None, from_logits=False
     >>> np.asarray(ages).tolist()
     [30.0, 20.0]
     """
-    method = _check_method(method)
-    return _decode(
-        y_pred, method, _check_class_values(class_values, method), from_logits
-    )
+    method = _utils.check_choice("method", method, METHODS)
+    class_values = _utils.check_class_values(class_values, method == "median")
+    return _decode(y_pred, method, class_values, from_logits)
 
 
 @_utils.register
@@ -207,9 +155,11 @@ class OrdinalDecoding(keras.layers.Layer):
 
     def __init__(self, method="median", class_values=None, from_logits=False, **kwargs):
         super().__init__(**kwargs)
-        self.method = _check_method(method)
-        self.class_values = _check_class_values(class_values, self.method)
-        self.from_logits = bool(from_logits)
+        self.method = _utils.check_choice("method", method, METHODS)
+        self.class_values = _utils.check_class_values(
+            class_values, self.method == "median"
+        )
+        self.from_logits = _utils.check_bool("from_logits", from_logits)
         self.built = True  # no weights
 
     def call(self, inputs):

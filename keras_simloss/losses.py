@@ -3,10 +3,197 @@
 import keras
 from keras import ops
 
-from keras_simloss import _utils
+from keras_simloss import _backend, _utils
 from keras_simloss import similarity as similarity_lib
 
 __all__ = ["SimLoss", "sim_loss"]
+
+
+# The maths of SimLoss ---------------------------------------------------------
+#
+# Both per-example losses below read the similarity only through its row
+# contract (`rows`, `log_rows`, `sparse_rows`, `keep_rows`; see
+# `similarity/base.py`), and define their gradient in closed form: the
+# backward pass rebuilds it from the inputs and a few numbers per example.
+# Automatic differentiation of the same formulas would keep `(batch, C)`
+# buffers from the forward pass for the backward one (`exp(z - max z)` of the
+# logsumexp, the rows); this keeps none, so a training step holds no more
+# `(batch, C)` buffers than sparse categorical cross entropy (measured under
+# XLA in `benchmarks/large_labels.py`, guarded by
+# `test_compiled_step_holds_no_more_batch_by_class_buffers_than_scce`).
+#
+# "Terms" are the per-class pieces of one example's sum: whole rows
+# `(batch, C)` (`positions` is `None`), or, for a similarity with sparse
+# rows, the `(batch, n)` classes that count (`positions` their indices).
+
+
+def _log_softmax_shift(logits):
+    """`(max z, log(sum(exp(z - max z))))`, each `(batch, 1)`:
+    `log_softmax(z) = (z - max z) - log(sum(exp(z - max z)))`.
+
+    A non-finite maximum is replaced by 0, as in Keras's logsumexp. The
+    maximum carries no gradient (log-softmax does not depend on it).
+    """
+    peak = ops.stop_gradient(ops.max(logits, axis=-1, keepdims=True))
+    peak = ops.where(ops.isfinite(peak), peak, 0.0)
+    total = ops.sum(ops.exp(logits - peak), axis=-1, keepdims=True)
+    return peak, ops.log(total)
+
+
+def _shifted(values, shift):
+    """`values` minus each tensor of `shift` in turn."""
+    for part in shift:
+        values = values - part
+    return values
+
+
+def _after(labels, value):
+    """`labels` again, as a tensor computed from `value` `(batch,)` or
+    `(batch, 1)`: the same values, except 0 where `value` is NaN. Only for
+    uses where a NaN `value` makes the whole row NaN anyway (here it comes
+    from a NaN input).
+
+    Rows computed from it wait for `value`, and a compiler cannot merge them
+    (common-subexpression elimination) with rows computed from `labels`
+    elsewhere. The losses use it so that their `(batch, C)` temporaries
+    exist one at a time: the forward pass's rows after the normaliser, the
+    backward pass's recomputed rows after the forward pass's value (else a
+    scheduler may compute them first and hold them through the forward pass,
+    or merge them with the forward pass's and hold those until the backward
+    pass).
+    """
+    return ops.where(ops.isnan(ops.reshape(value, (-1,))), 0, labels)
+
+
+def _scatter_add(inputs, positions, terms):
+    """`inputs` `(batch, C)` with `terms[i, n]` added at `positions[i, n]`."""
+    batch = ops.shape(positions)[0]
+    rows = ops.broadcast_to(
+        ops.expand_dims(ops.arange(batch, dtype="int32"), -1), ops.shape(positions)
+    )
+    coordinates = ops.reshape(ops.stack([rows, positions], axis=-1), (-1, 2))
+    return ops.scatter_update(
+        inputs, coordinates, ops.reshape(terms, (-1,)), reduction="add"
+    )
+
+
+def _log_terms(similarity, labels, logits, shift):
+    """`z_c - shift + log S[y, c]` for the classes that count, and their
+    classes. `shift`: `(batch, 1)` tensors subtracted one after the other
+    (see `_log_softmax_shift`)."""
+    entries = similarity.sparse_rows(labels)
+    if entries is None:
+        return _shifted(logits, shift) + similarity.log_rows(labels), None
+    # k + 1 logits per example instead of a row of C. The true class enters
+    # with log S = log 1 = 0; unused slots have log 0 = -inf and drop out of
+    # the logsumexp.
+    positions, weights = entries
+    terms = _shifted(ops.take_along_axis(logits, positions, axis=-1), shift)
+    return terms + ops.log(weights), positions
+
+
+def _weight_terms(similarity, labels, probabilities):
+    """`(S[y, c], p_c)` for the classes that count, and their classes."""
+    entries = similarity.sparse_rows(labels)
+    if entries is None:
+        return similarity.rows(labels), probabilities, None
+    positions, weights = entries
+    return weights, ops.take_along_axis(probabilities, positions, axis=-1), positions
+
+
+def _logit_loss(similarity, labels, logits):
+    """Per-example SimLoss from logits; shape `(batch,)`.
+
+    `-log(sum_c S[y, c] softmax(z)_c)`, computed in log space as
+    `-logsumexp(log_softmax(z) + log S[y])` (every term `<= 0`, so nothing
+    overflows). The gradient `d/dz = softmax(z) - q`, with
+    `q_c = S[y, c] softmax(z)_c / sum_k S[y, k] softmax(z)_k`, is rebuilt in
+    the backward pass from the logits and three numbers per example, in one
+    elementwise pass over `(batch, C)` (`k + 1` classes for sparse rows).
+
+    Args:
+        similarity: a `Similarity`.
+        labels: int32 class indices of shape `(batch,)`.
+        logits: float32 tensor of shape `(batch, C)`.
+    """
+
+    def forward(logits, labels):
+        # Log-softmax is `(z - max z) - log(sum(exp(z - max z)))`: both
+        # numbers are kept (not their rounded sum, the logsumexp, whose
+        # rounding at large |z| would shift every softmax entry alike). The
+        # weighted sum waits for them, so a compiler runs the two reductions
+        # one after the other and holds one temporary (batch, C) buffer at a
+        # time, not two.
+        shift = _log_softmax_shift(logits)
+        saved = _log_terms(similarity, _after(labels, shift[1]), logits, shift)
+        value = -ops.logsumexp(saved[0], axis=-1)
+        if not similarity.keep_rows:
+            saved = None  # nothing of size (batch, C) kept for backward
+        return value, (shift, value, saved)
+
+    def backward(logits, labels, residuals, upstream):
+        shift, value, saved = residuals
+        terms, positions = saved or _log_terms(
+            similarity, _after(labels, value), logits, shift
+        )
+        upstream = ops.expand_dims(upstream, -1)
+        softmax = ops.exp((logits - shift[0]) - shift[1])
+        # q = exp(terms - log(sum(exp(terms)))) = exp(terms + value)
+        q = ops.exp(terms + ops.expand_dims(value, -1))
+        if positions is None:
+            return (softmax - q) * upstream
+        return _scatter_add(softmax * upstream, positions, -q * upstream)
+
+    return _backend.with_gradient(forward, backward, logits, labels)
+
+
+def _probability_loss(similarity, labels, probabilities, epsilon):
+    """Per-example SimLoss from probabilities; shape `(batch,)`.
+
+    `p` is clipped to `[epsilon, 1 - epsilon]` (so that log never sees 0)
+    and divided by its sum: `loss = -log(sum_c S[y, c] p_c / sum_c p_c)`.
+    The gradient `d/dp_c = m_c (1 / sum_k p_k - S[y, c] / sum_k S[y, k] p_k)`,
+    with `m_c = 1` where `epsilon <= p_c <= 1 - epsilon` and 0 where the clip
+    holds `p_c`, is rebuilt in the backward pass from `p` and two numbers per
+    example.
+
+    Args:
+        similarity: a `Similarity`.
+        labels: int32 class indices of shape `(batch,)`.
+        probabilities: float32 tensor of shape `(batch, C)`.
+        epsilon: the clipping bound, in `(0, 0.5)`.
+    """
+    low, high = float(epsilon), 1.0 - float(epsilon)
+
+    def forward(probabilities, labels):
+        # The weighted sum divides by the total: as in `_logit_loss`, the two
+        # reductions then run one after the other.
+        total = ops.sum(ops.clip(probabilities, low, high), axis=-1)
+        total = ops.expand_dims(total, -1)
+        saved = _weight_terms(similarity, _after(labels, total), probabilities)
+        weights, values, _ = saved
+        weighted = ops.sum(weights * (ops.clip(values, low, high) / total), -1)
+        if not similarity.keep_rows:
+            saved = None  # nothing of size (batch, C) kept for backward
+        return -ops.log(weighted), (total, weighted, saved)
+
+    def backward(probabilities, labels, residuals, upstream):
+        total, weighted, saved = residuals
+        weights, values, positions = saved or _weight_terms(
+            similarity, _after(labels, weighted), probabilities
+        )
+        scale = ops.expand_dims(upstream, -1) / total
+        whole = ops.where((probabilities >= low) & (probabilities <= high), scale, 0.0)
+        part = ops.where(
+            (values >= low) & (values <= high),
+            weights * (scale / ops.expand_dims(weighted, -1)),
+            0.0,
+        )
+        if positions is None:
+            return whole - part
+        return _scatter_add(whole, positions, -part)
+
+    return _backend.with_gradient(forward, backward, probabilities, labels)
 
 
 def sim_loss(y_true, y_pred, similarity, from_logits=False):
@@ -23,8 +210,8 @@ def sim_loss(y_true, y_pred, similarity, from_logits=False):
     cross entropy, they are clipped to `[epsilon, 1 - epsilon]` so that log
     never sees 0, and divided by their sum, so
     `loss = -log(sum_c S[y, c] p_c / sum_c p_c)`. Both run in float32
-    whatever the inputs' dtype, with the gradient in closed form
-    (`Similarity.logit_loss`, `Similarity.probability_loss`).
+    whatever the inputs' dtype, with the gradient in closed form (see
+    `_logit_loss` and `_probability_loss` above).
 
     Args:
         y_true: class indices of shape `y_pred.shape[:-1]` (optionally with
@@ -64,18 +251,18 @@ def sim_loss(y_true, y_pred, similarity, from_logits=False):
     labels = ops.reshape(labels, (-1,))
     y_pred = ops.reshape(y_pred, (-1, num_classes))
     if from_logits:
-        loss = similarity.logit_loss(labels, y_pred)
+        loss = _logit_loss(similarity, labels, y_pred)
     else:
         # Clipped so that log never sees 0 and divided by the total, so
         # unnormalised inputs are treated as distributions. The unit diagonal
         # keeps the weighted sum >= epsilon / total.
-        loss = similarity.probability_loss(labels, y_pred, keras.config.epsilon())
+        loss = _probability_loss(similarity, labels, y_pred, keras.config.epsilon())
     # A label that is not a class (seen only inside compiled steps; eager
     # mode raised) gives NaN, never the loss of another class.
     return _utils.nan_where_invalid(ops.reshape(loss, leading), valid)
 
 
-@keras.saving.register_keras_serializable(package="keras_simloss")
+@_utils.register
 class SimLoss(keras.losses.Loss):
     """Cross entropy with class similarities (SimLoss).
 
@@ -161,13 +348,8 @@ class SimLoss(keras.losses.Loss):
                 f"under any policy anyway). Received: dtype={dtype!r}"
             )
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        if not isinstance(from_logits, bool):
-            raise TypeError(
-                "Invalid type for argument `from_logits`. Expected a bool. "
-                f"Received: from_logits={from_logits!r}"
-            )
+        self.from_logits = _utils.check_bool("from_logits", from_logits)
         self.similarity = similarity_lib.get(similarity)
-        self.from_logits = from_logits
 
     @property
     def num_classes(self):

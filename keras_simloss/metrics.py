@@ -70,7 +70,7 @@ class _RatioMetric(keras.metrics.Metric):
         # eager mode raised) makes the result NaN, as it makes the loss NaN.
         numerator = _utils.nan_where_invalid(numerator, ops.reshape(valid, (-1,)))
         if sample_weight is not None:
-            weight = _broadcast_weight(sample_weight, labels)
+            weight = _flat_weight(sample_weight, labels)
             numerator = numerator * weight
             denominator = denominator * weight
         self.numerator.assign_add(ops.sum(numerator))
@@ -84,53 +84,14 @@ class _RatioMetric(keras.metrics.Metric):
         return {"name": self.name, "dtype": self.dtype}
 
 
-def _broadcast_weight(sample_weight, labels):
-    """Sample weights as a flat `(N,)` float32 tensor matching `labels`.
-
-    As in Keras: per-example weights `(batch,)` / `(batch, 1)`, per-element
-    weights of the labels' shape (optionally with a trailing 1), or a scalar.
-    """
-    weight = ops.cast(ops.convert_to_tensor(sample_weight), "float32")
-    rank = len(labels.shape)
-    if len(weight.shape) == rank + 1 and weight.shape[-1] == 1:
-        weight = ops.squeeze(weight, -1)
-    if len(weight.shape) > rank:
-        raise ValueError(
-            "Invalid shape for argument `sample_weight`. Expected a scalar, "
-            "the labels' leading shape or the labels' shape. Received: "
-            f"sample_weight.shape={tuple(weight.shape)} for labels of shape "
-            f"{tuple(labels.shape)}"
-        )
-    while len(weight.shape) < rank:
-        weight = ops.expand_dims(weight, -1)
+def _flat_weight(sample_weight, labels):
+    """Sample weights as a flat `(N,)` float32 tensor matching `labels`."""
+    weight = _utils.expand_sample_weight(sample_weight, labels)
     return ops.reshape(ops.broadcast_to(weight, ops.shape(labels)), (-1,))
 
 
 def _argmax(y_pred):
     return ops.cast(ops.argmax(y_pred, axis=-1), "int32")
-
-
-def _check_class_array(name, values, integer):
-    array = np.asarray(values)
-    kind_ok = (
-        np.issubdtype(array.dtype, np.integer)
-        if integer
-        else np.issubdtype(array.dtype, np.number)
-        and not np.issubdtype(array.dtype, np.complexfloating)
-    )
-    if array.ndim != 1 or array.shape[0] < 2 or not kind_ok:
-        expected = "integer ids" if integer else "numbers"
-        raise ValueError(
-            f"Invalid value for argument `{name}`. Expected a 1-D array of "
-            f"{expected}, one per class (at least 2). Received: {name} of "
-            f"shape {array.shape} and dtype {array.dtype}"
-        )
-    if not integer and not np.all(np.isfinite(array)):
-        raise ValueError(
-            f"Invalid value for argument `{name}`. Expected finite values. "
-            f"Received: {name}={array.tolist()}"
-        )
-    return array.astype(np.int32 if integer else np.float32)
 
 
 class _ClassDistanceMetric(_RatioMetric):
@@ -145,25 +106,13 @@ class _ClassDistanceMetric(_RatioMetric):
         dtype=None,
     ):
         super().__init__(name=name, dtype=dtype)
-        decoding._check_method(decode, "decode")
-        if not isinstance(from_logits, bool):
-            raise TypeError(
-                "Invalid type for argument `from_logits`. Expected a bool. "
-                f"Received: from_logits={from_logits!r}"
-            )
-        self.decode = decode
-        self.from_logits = from_logits
-        if class_values is None:
-            self.class_values = None
-        else:
-            self.class_values = _check_class_array("class_values", class_values, False)
+        self.decode = _utils.check_choice("decode", decode, decoding.METHODS)
+        self.from_logits = _utils.check_bool("from_logits", from_logits)
+        self.class_values = _utils.check_class_values(
+            class_values, increasing=decode == "median"
+        )
+        if self.class_values is not None:
             self.num_classes = self.class_values.shape[0]
-            # Checked here too (e.g. increasing values for the median).
-            decoding.decode_ordinal(
-                np.full((1, self.num_classes), 1.0 / self.num_classes, np.float32),
-                decode,
-                self.class_values,
-            )
 
     def _difference(self, labels, y_pred):
         """Read-out minus true value, per example."""
@@ -282,7 +231,9 @@ class ClassMeanSquaredError(_ClassDistanceMetric):
 class _SuperclassMetric(_RatioMetric):
     def __init__(self, superclass_of, name=None, dtype=None):
         super().__init__(name=name, dtype=dtype)
-        self.superclass_of = _check_class_array("superclass_of", superclass_of, True)
+        self.superclass_of = _utils.check_vector(
+            "superclass_of", superclass_of, integer=True
+        ).astype(np.int32)
         self.num_classes = self.superclass_of.shape[0]
 
     def _same_superclass(self, labels, predicted):
@@ -444,16 +395,7 @@ class ConfusionMatrix(keras.metrics.Metric):
 
     def __init__(self, num_classes, name="confusion_matrix", dtype=None):
         super().__init__(name=name, dtype=dtype)
-        if (
-            isinstance(num_classes, bool)
-            or not isinstance(num_classes, (int, np.integer))
-            or num_classes < 2
-        ):
-            raise ValueError(
-                "Invalid value for argument `num_classes`. Expected an int >= "
-                f"2. Received: num_classes={num_classes!r}"
-            )
-        self.num_classes = int(num_classes)
+        self.num_classes = _utils.check_int("num_classes", num_classes, low=2)
         self.counts = self.add_variable(
             shape=(self.num_classes, self.num_classes),
             initializer="zeros",
@@ -476,7 +418,7 @@ class ConfusionMatrix(keras.metrics.Metric):
         if sample_weight is None:
             weight = ops.ones(ops.shape(predicted), "float32")
         else:
-            weight = _broadcast_weight(sample_weight, labels)
+            weight = _flat_weight(sample_weight, labels)
         # One scatter-add into the flattened C x C cells: O(batch + C^2),
         # with no (batch, C) one-hot tensors.
         cell = ops.reshape(labels, (-1,)) * self.num_classes + predicted

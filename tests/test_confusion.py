@@ -142,8 +142,10 @@ def test_invalid_label_inside_compiled_step_gives_nan():
 
 
 def test_bad_arguments_and_inputs():
-    for bad in (1, 2.0, True, "3"):
-        with pytest.raises(ValueError, match=r"`num_classes`.*Received"):
+    with pytest.raises(ValueError, match=r"`num_classes`.*Received"):
+        ConfusionMatrix(1)
+    for bad in (2.0, True, "3"):
+        with pytest.raises(TypeError, match=r"`num_classes`.*Received"):
             ConfusionMatrix(bad)
     metric = ConfusionMatrix(3)
     with pytest.raises(ValueError, match=r"counts 3 classes.*y_pred.shape=\(1, 4\)"):

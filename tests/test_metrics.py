@@ -207,7 +207,7 @@ def test_metrics_in_xla_compiled_evaluate_match_numpy():
 
 
 def test_bad_arguments_and_inputs():
-    with pytest.raises(ValueError, match=r"superclass_of.*integer ids"):
+    with pytest.raises(TypeError, match=r"superclass_of.*of integers.*float64"):
         SuperclassAccuracy([0.5, 1.0])
     with pytest.raises(ValueError, match=r"class_values.*finite"):
         ClassMeanAbsoluteError(class_values=[1.0, np.nan])

@@ -44,7 +44,9 @@ def _top_k(matrix, k):
     """The `k` largest off-diagonal entries per row (ties: smaller index)."""
     result = np.eye(len(matrix))
     for i, row in enumerate(matrix):
-        order = sorted((j for j in range(len(row)) if j != i), key=lambda j: (-row[j], j))
+        order = sorted(
+            (j for j in range(len(row)) if j != i), key=lambda j: (-row[j], j)
+        )
         for j in order[:k]:
             result[i, j] = row[j]
     return result

@@ -103,3 +103,22 @@ def labelled_logits(seed, num_classes, n):
     weights = rng.uniform(0.0, 2.0, size=n).astype(np.float32)
     weights[:3] = 0.0
     return y, logits, weights
+
+
+def autodiff_sim_loss(sim, labels, y_pred, from_logits=True):
+    """SimLoss written plainly with `keras.ops` on the similarity's public
+    rows and differentiated by the backend's automatic differentiation: the
+    reference for the library's closed-form gradients.
+
+    From logits `-logsumexp(log_softmax(z) + log S[y])`; from probabilities
+    `-log(sum_c S[y, c] clip(p)_c / sum_c clip(p)_c)`, as `sim_loss`.
+    """
+    labels = keras.ops.convert_to_tensor(np.asarray(labels, np.int32))
+    y_pred = keras.ops.cast(y_pred, "float32")
+    if from_logits:
+        terms = keras.ops.log_softmax(y_pred, axis=-1) + sim.log_rows(labels)
+        return -keras.ops.logsumexp(terms, axis=-1)
+    epsilon = keras.config.epsilon()
+    clipped = keras.ops.clip(y_pred, epsilon, 1.0 - epsilon)
+    total = keras.ops.sum(clipped, axis=-1, keepdims=True)
+    return -keras.ops.log(keras.ops.sum(sim.rows(labels) * clipped / total, axis=-1))

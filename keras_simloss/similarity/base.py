@@ -1,0 +1,211 @@
+"""The `Similarity` contract: what a kind of class similarity provides.
+
+A class similarity `S` is a `C x C` matrix with entries in `[0, 1]` and a unit
+diagonal. A kind stores it in compact form (two numbers, an embedding table,
+neighbour lists) and gives the losses and metrics the parts they read:
+
+- `rows(labels)`: `S[labels]`, `(batch, C)` float32, with `keras.ops`;
+- `log_rows(labels)`: `log S[labels]`, `-inf` where `S` is 0;
+- `sparse_rows(labels)`: for kinds whose rows are mostly zeros, the classes
+  that count and their similarities, `(batch, n)` each; `None` (the
+  default) means the rows are read whole;
+- `pairs(labels, classes)`: `S[labels[i], classes[i]]`, `(batch,)`;
+- `numpy_rows(classes)`: the rows in NumPy, eagerly, outside any graph;
+- `numpy.asarray(similarity)`: the dense float32 matrix.
+
+To add a kind, subclass `Similarity` and implement `_compute_rows` (the rows
+of a batch of labels with `keras.ops`, traceable under XLA, never a `C x C`
+matrix), `numpy_rows` and `_arguments` (the constructor arguments, for the
+config; see `saving.ArraySaving`); optionally `_compute_log_rows` (when
+`log` of the rows would underflow), `_pairs` (when two entries are cheaper
+than a row) and `sparse_rows`.
+"""
+
+import numpy as np
+from keras import ops
+
+from keras_simloss import _backend, _utils
+from keras_simloss.similarity.saving import ArraySaving
+
+# Dense matrices up to this many classes are checked entry by entry after a
+# builder made them (C^2 work); larger ones rely on the argument checks, which
+# already guarantee the properties.
+_MAX_CLASSES_CHECKED_DENSE = 2048
+
+# Rows per block when a similarity is turned into a dense matrix.
+_NUMPY_BLOCK_ROWS = 1024
+
+
+def validate_matrix(matrix, name="similarity"):
+    """Checks that `matrix` is a valid class similarity; returns it as float32.
+
+    Valid means: a square 2-D array of at least 2 classes, finite, with every
+    entry in `[0, 1]` and a diagonal of exactly 1.
+
+    Args:
+        matrix: array-like of shape `(C, C)`.
+        name: the argument name used in error messages.
+
+    Returns:
+        A `float32` NumPy array of shape `(C, C)`.
+    """
+    array = _utils.real_array(name, matrix, "a square matrix").astype(np.float64)
+    if array.ndim != 2 or array.shape[0] != array.shape[1] or array.shape[0] < 2:
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected a square matrix of "
+            f"shape (C, C) with C >= 2. Received: {name}.shape={array.shape}"
+        )
+    if not np.all(np.isfinite(array)):
+        where = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected finite values. "
+            f"Received: {name}[{where[0]}, {where[1]}]={array[where]}"
+        )
+    outside = (array < 0) | (array > 1)
+    if np.any(outside):
+        where = tuple(int(i) for i in np.argwhere(outside)[0])
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected every entry in "
+            f"[0, 1]. Received: {name}[{where[0]}, {where[1]}]={array[where]}"
+        )
+    diagonal = np.diagonal(array)
+    if np.any(diagonal != 1):
+        i = int(np.argmax(diagonal != 1))
+        raise ValueError(
+            f"Invalid value for argument `{name}`. Expected a diagonal of "
+            f"exactly 1 (every class is fully similar to itself). Received: "
+            f"{name}[{i}, {i}]={diagonal[i]}"
+        )
+    return array.astype(np.float32)
+
+
+def checked(similarity):
+    """Validates a builder's output entry by entry where that is cheap."""
+    if similarity.num_classes <= _MAX_CLASSES_CHECKED_DENSE:
+        validate_matrix(np.asarray(similarity), name="similarity")
+    return similarity
+
+
+def int32(x):
+    return ops.cast(_backend.as_tensor(x), "int32")
+
+
+class Similarity(ArraySaving):
+    """Base class of a `C x C` class similarity stored in compact form.
+
+    See the module docstring for the contract a kind implements. `SimLoss`
+    reads `rows`, `log_rows` and `sparse_rows`; metrics read `pairs`.
+
+    Attributes:
+        num_classes: the number of classes `C`.
+        dense_table_max_classes: up to this many classes (default 1,024),
+            `rows` and `log_rows` gather from a dense `C x C` table built
+            once (at most 4 MiB): a gather is the cheapest row there is.
+            Larger label spaces compute the rows of the batch's labels on the
+            fly and never hold `C x C`. Set it on an instance to choose the
+            path (0: always on the fly); `uses_dense_table` says which is
+            taken.
+        keep_rows: whether a training step keeps the rows of the forward
+            pass for the backward one (one `(batch, C)` buffer held through
+            the step) rather than computing them again. Defaults to `False`;
+            `from_embeddings(..., keep_rows=True)` sets it.
+    """
+
+    num_classes = None
+    dense_table_max_classes = 1024
+    keep_rows = False
+
+    @property
+    def uses_dense_table(self):
+        """Whether `rows` gathers from a dense table (see the attribute)."""
+        return self.num_classes <= self.dense_table_max_classes
+
+    def rows(self, labels):
+        """Rows `S[labels]` as a `float32` tensor of shape `(batch, C)`."""
+        labels = int32(labels)
+        if self.uses_dense_table:
+            table = self._tensor("similarity_table", lambda: self._dense_tables()[0])
+            return ops.take(table, labels, axis=0)
+        return self._compute_rows(labels)
+
+    def log_rows(self, labels):
+        """`log(S[labels])`, `(batch, C)`, `-inf` where the similarity is 0."""
+        labels = int32(labels)
+        if self.uses_dense_table:
+            table = self._tensor(
+                "log_similarity_table", lambda: self._dense_tables()[1]
+            )
+            return ops.take(table, labels, axis=0)
+        return self._compute_log_rows(labels)
+
+    def sparse_rows(self, labels):
+        """`(classes, similarities)` that make up rows `S[labels]`, or `None`.
+
+        For kinds with a few non-zero entries per row: `(batch, n)` int32
+        class indices (the label's own class first, a class at most once per
+        row where its similarity is positive) and their `(batch, n)` float32
+        similarities; every other class has similarity 0. `None` (the
+        default): read the rows whole.
+        """
+        return None
+
+    def pairs(self, labels, classes):
+        """`S[labels[i], classes[i]]` for each example; shape `(batch,)`."""
+        return self._pairs(int32(labels), int32(classes))
+
+    def numpy_rows(self, classes):
+        """Rows `S[classes]` as a `float32` NumPy array, computed eagerly."""
+        raise NotImplementedError
+
+    def __array__(self, dtype=None, copy=None):
+        matrix = np.concatenate(
+            [
+                self.numpy_rows(
+                    np.arange(start, min(start + _NUMPY_BLOCK_ROWS, self.num_classes))
+                )
+                for start in range(0, self.num_classes, _NUMPY_BLOCK_ROWS)
+            ]
+        )
+        return matrix if dtype is None else matrix.astype(dtype)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(num_classes={self.num_classes})"
+
+    # What a kind implements --------------------------------------------------
+
+    def _compute_rows(self, labels):
+        """Rows computed on the fly with `keras.ops`, without a C x C table."""
+        raise NotImplementedError
+
+    def _compute_log_rows(self, labels):
+        return ops.log(self._compute_rows(labels))
+
+    def _pairs(self, labels, classes):
+        picked = ops.take_along_axis(
+            self.rows(labels), ops.expand_dims(classes, -1), axis=-1
+        )
+        return ops.squeeze(picked, -1)
+
+    # Tensors cached for the graph ----------------------------------------------
+
+    def _tensor(self, key, make_array):
+        """The array `make_array()` as a tensor, made once and reused.
+
+        The first call may come from inside a traced function, yet the cached
+        tensor outlives that trace, so it is made outside every trace
+        (`_backend.eager_tensor`); on TensorFlow it is a variable, read here.
+        """
+        cache = self.__dict__.setdefault("_tensors", {})
+        if key not in cache:
+            cache[key] = _backend.eager_tensor(key, make_array())
+        return _backend.as_tensor(cache[key])
+
+    def _dense_tables(self):
+        """`(S, log S)` as float32 NumPy arrays, built on first use."""
+        tables = self.__dict__.get("_tables")
+        if tables is None:
+            matrix = np.asarray(self, dtype=np.float32)
+            with np.errstate(divide="ignore"):
+                tables = (matrix, np.log(matrix))  # log 0 = -inf, on purpose
+            self._tables = tables
+        return tables

@@ -1,0 +1,117 @@
+"""Similarity from a class hierarchy (e.g. CIFAR-100's superclasses)."""
+
+import numpy as np
+from keras import ops
+
+from keras_simloss import _utils
+from keras_simloss.similarity.base import Similarity, checked
+
+
+@_utils.register
+class HierarchySimilarity(Similarity):
+    """Similarity from a tree of classes. Built by `from_hierarchy`.
+
+    `S[i, j] = 1` if `i == j`, else the largest `similarities[k]` over the
+    levels `k` at which `i` and `j` have the same ancestor, else 0.
+    """
+
+    def __init__(self, ancestors, similarities):
+        levels = np.asarray(ancestors)
+        if levels.ndim == 1:
+            levels = levels[None, :]
+        if (
+            levels.ndim != 2
+            or levels.shape[1] < 2
+            or not np.issubdtype(levels.dtype, np.integer)
+        ):
+            raise ValueError(
+                "Invalid value for argument `ancestors`. Expected integer "
+                "ancestor ids of shape (num_classes,) for one level or "
+                "(num_levels, num_classes) for several, with num_classes >= 2. "
+                f"Received: ancestors of shape {levels.shape} and dtype "
+                f"{levels.dtype}"
+            )
+        values = np.atleast_1d(np.asarray(similarities, dtype=np.float64))
+        if values.ndim != 1 or values.shape[0] != levels.shape[0]:
+            raise ValueError(
+                "Invalid value for argument `similarities`. Expected one value "
+                f"per level of `ancestors` ({levels.shape[0]}). Received: "
+                f"similarities={np.asarray(similarities).tolist()}"
+            )
+        for value in values:
+            _utils.check_number("similarities", float(value), 0.0, 1.0)
+        self.ancestors = levels.astype(np.int64)
+        self.similarities = values
+        self.num_classes = levels.shape[1]
+
+    def _compute_rows(self, labels):
+        result = None
+        for index, (level, value) in enumerate(zip(self.ancestors, self.similarities)):
+            ancestor_of = self._tensor(
+                f"ancestors_{index}", lambda level=level: level.astype(np.int32)
+            )
+            same = ops.expand_dims(ops.take(ancestor_of, labels), -1) == (
+                ops.expand_dims(ancestor_of, 0)
+            )
+            term = ops.where(same, float(value), 0.0)
+            result = term if result is None else ops.maximum(result, term)
+        same_class = ops.expand_dims(labels, -1) == ops.arange(
+            self.num_classes, dtype="int32"
+        )
+        return ops.where(same_class, 1.0, result)
+
+    def _pairs(self, labels, classes):
+        result = ops.zeros(ops.shape(labels), "float32")
+        for index, (level, value) in enumerate(zip(self.ancestors, self.similarities)):
+            ancestor_of = self._tensor(
+                f"ancestors_{index}", lambda level=level: level.astype(np.int32)
+            )
+            same = ops.take(ancestor_of, labels) == ops.take(ancestor_of, classes)
+            result = ops.maximum(result, ops.where(same, float(value), 0.0))
+        return ops.where(labels == classes, 1.0, result)
+
+    def numpy_rows(self, classes):
+        classes = np.asarray(classes)
+        result = np.zeros((len(classes), self.num_classes), np.float32)
+        for level, value in zip(self.ancestors, self.similarities):
+            same = level[classes][:, None] == level[None, :]
+            result = np.maximum(result, np.where(same, value, 0.0))
+        result[np.arange(len(classes)), classes] = 1.0
+        return result.astype(np.float32)
+
+    # The ids stay in the config whatever their number (`O(C)` integers): a
+    # metric built from a hierarchy must load without a loss to restore it.
+    _array_arguments = ()
+
+    def _arguments(self):
+        return {"ancestors": self.ancestors, "similarities": self.similarities}
+
+    def __repr__(self):
+        return (
+            f"HierarchySimilarity(num_classes={self.num_classes}, "
+            f"similarities={self.similarities.tolist()})"
+        )
+
+
+def from_hierarchy(ancestors, similarities=0.5):
+    """Similarity from a class hierarchy.
+
+    Two different classes that share an ancestor at level `k` get similarity
+    `similarities[k]` (the largest over shared levels); the diagonal is 1;
+    classes with no shared ancestor get 0.
+
+    Args:
+        ancestors: the ancestor id of every class, shape `(C,)` for one level
+            (e.g. `keras_simloss.datasets.cifar100.FINE_TO_COARSE`), or
+            `(num_levels, C)` for several, nearest level first.
+        similarities: float in `[0, 1)`, or one per level. Defaults to `0.5`.
+
+    Returns:
+        A `HierarchySimilarity`; its config holds `O(C)` numbers.
+
+    Example:
+
+    >>> np.asarray(from_hierarchy([0, 0, 1], 0.5)).tolist()
+    [[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    """
+    return checked(HierarchySimilarity(ancestors, similarities))

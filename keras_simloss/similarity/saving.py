@@ -1,0 +1,177 @@
+"""Saving a similarity: constructor arguments in the config, data in the archive.
+
+A similarity's config holds its constructor arguments (`_arguments`). Array
+arguments listed in `_array_arguments` with more than `config_max_entries`
+numbers in all (an embedding table, neighbour lists, a hand-made matrix) are
+kept out of the config, which then holds only their shapes and a content
+hash (a few hundred bytes whatever `C`); they are written as binary arrays
+into the `.keras` archive by `save_own_variables`, which Keras calls through
+`SimLoss` (and `MistakeSeverity`).
+
+`from_config` of such a config gives a similarity whose arrays are still
+missing ("pending"). `load_own_variables` (called by
+`keras.models.load_model`) supplies them; within one process, so does any
+live similarity with the same arrays, matched by the content hash, on first
+use, so that a `MistakeSeverity` sharing the loss's similarity is restored
+with it (Keras saves no state of compiled metrics).
+"""
+
+import hashlib
+import weakref
+
+import numpy as np
+
+# The config key that marks arrays stored in the archive; its value is their
+# content hash.
+_ARCHIVE_KEY = "arrays_in_archive"
+
+# Similarities whose arrays are at hand, by content hash (weakly held).
+_WITH_ARRAYS = weakref.WeakValueDictionary()
+
+
+class ArraySaving:
+    """Config and archive handling for a similarity (see the module).
+
+    A subclass defines `_arguments()` (the constructor arguments, arrays as
+    NumPy arrays) and `_array_arguments` (the names of the array arguments
+    that may go into the archive), and its `__init__` validates the
+    arguments again when a pending similarity is completed.
+    """
+
+    # Array state with more numbers than this is saved as binary arrays in
+    # the `.keras` archive rather than as JSON numbers in the config.
+    config_max_entries = 256
+
+    # The array arguments of the constructor that go into the archive when
+    # large. Arrays not listed (e.g. hierarchy ids, `O(C)` integers that a
+    # metric must be able to load without a loss) always stay in the config.
+    _array_arguments = ()
+
+    def _arguments(self):
+        """The constructor arguments (arrays as NumPy arrays)."""
+        raise NotImplementedError
+
+    def get_config(self):
+        """The constructor arguments; large arrays as placeholders (above)."""
+        arguments = self._arguments()
+        arrays = self._archived_arrays(arguments)
+        config = {}
+        for name, value in arguments.items():
+            if name in arrays:
+                config[name] = {"shape": list(value.shape), "dtype": str(value.dtype)}
+            elif isinstance(value, np.ndarray):
+                config[name] = value.tolist()
+            else:
+                config[name] = value
+        if arrays:
+            config[_ARCHIVE_KEY] = self._fingerprint(arrays)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        fingerprint = config.pop(_ARCHIVE_KEY, None)
+        if fingerprint is None:
+            return cls(**config)  # everything in the config (or an old config)
+        # The arrays are in a `.keras` archive: `load_own_variables` fills in.
+        similarity = cls.__new__(cls)
+        similarity._pending = (config, fingerprint)
+        similarity.num_classes = config[cls._array_arguments[0]]["shape"][0]
+        return similarity
+
+    def save_own_variables(self, store):
+        """Writes the arrays that the config leaves out into a Keras store.
+
+        Called by `SimLoss.save_own_variables` (and `MistakeSeverity`'s) when
+        Keras saves a `.keras` file; `store` takes NumPy arrays by name.
+        """
+        if not self._array_arguments:
+            return  # the config holds everything
+        for name, array in self._archived_arrays(self._arguments()).items():
+            store[name] = array
+
+    def load_own_variables(self, store):
+        """Reads the arrays that the config left out from a Keras store.
+
+        Does nothing when the config held everything (small state, or a
+        config saved before arrays went into the archive).
+        """
+        pending = self.__dict__.get("_pending")
+        if pending is None:
+            return
+        config, fingerprint = pending
+        arrays = {}
+        for name in self._array_arguments:
+            if not isinstance(config.get(name), dict):
+                continue
+            if name not in store:
+                raise ValueError(
+                    f"The saved state of this {type(self).__name__} has no "
+                    f"array `{name}`: the `.keras` archive does not match its "
+                    f"config. Received arrays: {sorted(store.keys())}"
+                )
+            arrays[name] = np.asarray(store[name])
+        if self._fingerprint(arrays) != fingerprint:
+            raise ValueError(
+                f"The arrays saved for this {type(self).__name__} do not match "
+                "the content hash in its config: the `.keras` archive is "
+                "damaged or mixes two saves."
+            )
+        self._fill(arrays)
+
+    @property
+    def _arrays_pending(self):
+        """Whether this similarity still waits for its archived arrays."""
+        return "_pending" in self.__dict__
+
+    def _archived_arrays(self, arguments):
+        """The array arguments that go into the archive: all, when large."""
+        arrays = {name: arguments[name] for name in self._array_arguments}
+        if sum(array.size for array in arrays.values()) > self.config_max_entries:
+            return arrays
+        return {}
+
+    def _fingerprint(self, arrays):
+        """A content hash of `arrays` (this similarity's own ones are hashed
+        once, and it is registered under the hash)."""
+        own = not self._arrays_pending
+        if own and "_own_fingerprint" in self.__dict__:
+            return self._own_fingerprint  # the arrays never change
+        digest = hashlib.blake2b(type(self).__name__.encode(), digest_size=16)
+        for name in sorted(arrays):
+            array = np.ascontiguousarray(arrays[name])
+            digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
+            digest.update(memoryview(array).cast("B"))
+        fingerprint = digest.hexdigest()
+        if own:
+            self._own_fingerprint = fingerprint
+            _WITH_ARRAYS[fingerprint] = self
+        return fingerprint
+
+    def _fill(self, arrays):
+        """Completes a similarity made by `from_config` with its arrays."""
+        config, fingerprint = self.__dict__.pop("_pending")
+        self.__init__(**{**config, **arrays})  # validates them, as on creation
+        _WITH_ARRAYS[fingerprint] = self
+
+    def __getattr__(self, name):
+        # Only reached when an attribute is missing: the arrays of a
+        # similarity made from a config whose arrays are in an archive.
+        pending = self.__dict__.get("_pending")
+        if pending is None or name.startswith("__"):
+            raise AttributeError(
+                f"{type(self).__name__!r} object has no attribute {name!r}"
+            )
+        config, fingerprint = pending
+        twin = _WITH_ARRAYS.get(fingerprint)
+        if twin is None or twin._arrays_pending:
+            raise ValueError(
+                f"This {type(self).__name__} was made from a config whose "
+                "arrays are stored in a `.keras` archive, and they were never "
+                "loaded. Load the model with `keras.models.load_model(path)` "
+                "(its SimLoss restores them; a metric restores them only when "
+                "it shares the loss's similarity, since Keras saves no state "
+                "of compiled metrics), or build the similarity again."
+            )
+        self._fill({name: getattr(twin, name) for name in self._array_arguments})
+        return getattr(self, name)

@@ -1,0 +1,139 @@
+"""A similarity that keeps at most `k` similar classes per class."""
+
+import numpy as np
+from keras import ops
+
+from keras_simloss import _utils
+from keras_simloss.similarity.base import Similarity, int32
+
+
+@_utils.register
+class SparseSimilarity(Similarity):
+    """A similarity that keeps at most `k` similar classes per class.
+
+    Row `i` of `S` is 1 at `i`, `values[i, n]` at `indices[i, n]` and 0
+    elsewhere. State is `O(C * k)` and the loss does `O(batch * k)` extra work
+    (a gather of `k` logits per example), so it suits label spaces far too
+    large for a dense `C x C` matrix. Built by `top_k`, or directly from
+    neighbour lists.
+
+    Args:
+        indices: integer array of shape `(C, k)`: the neighbours of each class.
+            A class must not list itself or the same neighbour twice; unused
+            slots have value 0 (their index is then ignored).
+        values: float array of shape `(C, k)` in `[0, 1]`: the similarities.
+
+    Example:
+
+    >>> s = SparseSimilarity(indices=[[1], [0], [1]], values=[[0.5], [0.5], [0.25]])
+    >>> np.asarray(s).tolist()
+    [[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.25, 1.0]]
+    """
+
+    def __init__(self, indices, values):
+        indices = _utils.real_array("indices", indices, "an array", integer=True)
+        values = _utils.real_array("values", values, "an array").astype(np.float64)
+        if indices.ndim != 2 or indices.shape != values.shape or indices.shape[0] < 2:
+            raise ValueError(
+                "Invalid value for arguments `indices` and `values`. Expected "
+                "an integer array and a float array of the same shape "
+                "(num_classes, k), num_classes >= 2. Received: indices of "
+                f"shape {indices.shape} and dtype {indices.dtype}, values of "
+                f"shape {values.shape}"
+            )
+        num_classes = indices.shape[0]
+        if np.any((indices < 0) | (indices >= num_classes)):
+            raise ValueError(
+                "Invalid value for argument `indices`. Expected class indices "
+                f"in [0, {num_classes}). Received: "
+                f"{indices[(indices < 0) | (indices >= num_classes)][:5].tolist()}"
+            )
+        bad = ~((values >= 0) & (values <= 1))  # NaN fails both comparisons
+        if np.any(bad):
+            i, j = (int(n) for n in np.argwhere(bad)[0])
+            raise ValueError(
+                "Invalid value for argument `values`. Expected finite values "
+                f"in [0, 1]. Received: values[{i}, {j}]={values[i, j]}"
+            )
+        values = values.astype(np.float32)
+        used = values > 0
+        own = indices == np.arange(num_classes)[:, None]
+        if np.any(own & used):
+            row = int(np.argmax(np.any(own & used, axis=1)))
+            raise ValueError(
+                "Invalid value for argument `indices`. A class must not list "
+                "itself as a neighbour (the diagonal is always 1). Received: "
+                f"indices[{row}] contains {row}"
+            )
+        # Unused slots point at the class itself with value 0, so that
+        # duplicates among them are harmless and every index is in range.
+        indices = np.where(used, indices, np.arange(num_classes)[:, None])
+        ordered = np.sort(
+            np.where(used, indices, -1 - np.arange(indices.shape[1])), axis=1
+        )
+        if np.any(ordered[:, 1:] == ordered[:, :-1]):
+            row = int(np.argmax(np.any(ordered[:, 1:] == ordered[:, :-1], axis=1)))
+            raise ValueError(
+                "Invalid value for argument `indices`. Expected each neighbour "
+                f"at most once per class. Received: indices[{row}]="
+                f"{indices[row].tolist()}"
+            )
+        self.indices = indices.astype(np.int32)
+        self.values = np.where(used, values, 0.0).astype(np.float32)
+        self.num_classes = num_classes
+
+    def _neighbours(self, labels):
+        indices = ops.take(
+            self._tensor("indices", lambda: self.indices), labels, axis=0
+        )
+        values = ops.take(self._tensor("values", lambda: self.values), labels, axis=0)
+        return indices, values
+
+    @property
+    def uses_dense_table(self):
+        return False  # the neighbour lists are cheaper than any row
+
+    def _compute_rows(self, labels):
+        indices, values = self._neighbours(labels)
+        spread = ops.one_hot(indices, self.num_classes) * ops.expand_dims(values, -1)
+        return ops.maximum(
+            ops.sum(spread, axis=1), ops.one_hot(labels, self.num_classes)
+        )
+
+    def sparse_rows(self, labels):
+        """The own class and the `k` neighbours, `(batch, k + 1)`, and `S`.
+
+        The own class has similarity 1; unused slots point at the class
+        itself with similarity 0 (so they add nothing).
+        """
+        labels = int32(labels)
+        indices, values = self._neighbours(labels)
+        positions = ops.concatenate([ops.expand_dims(labels, -1), indices], axis=-1)
+        weights = ops.concatenate([ops.ones_like(values[:, :1]), values], axis=-1)
+        return positions, weights
+
+    def _pairs(self, labels, classes):
+        indices, values = self._neighbours(labels)
+        match = ops.cast(indices == ops.expand_dims(classes, -1), "float32")
+        return ops.where(labels == classes, 1.0, ops.sum(values * match, axis=-1))
+
+    def numpy_rows(self, classes):
+        classes = np.asarray(classes)
+        result = np.zeros((len(classes), self.num_classes), np.float32)
+        rows = np.arange(len(classes))[:, None]
+        result[rows, self.indices[classes]] = self.values[classes]
+        result[np.arange(len(classes)), classes] = 1.0
+        return result
+
+    _array_arguments = ("indices", "values")
+
+    def _arguments(self):
+        return {"indices": self.indices, "values": self.values}
+
+    def __repr__(self):
+        if self._arrays_pending:
+            return super().__repr__()
+        return (
+            f"SparseSimilarity(num_classes={self.num_classes}, "
+            f"k={self.indices.shape[1]})"
+        )
