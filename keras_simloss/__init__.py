@@ -15,6 +15,7 @@ from keras_simloss.decoding import OrdinalDecoding, decode_ordinal
 from keras_simloss.distillation import (
     Distiller,
     SimilarityPreserving,
+    logit_distillation_loss,
     similarity_preserving_loss,
 )
 from keras_simloss.losses import SimLoss, sim_loss
@@ -44,6 +45,7 @@ __all__ = [
     "decode_ordinal",
     "decoding",
     "distillation",
+    "logit_distillation_loss",
     "metrics",
     "sim_loss",
     "similarity",
