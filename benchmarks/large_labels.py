@@ -87,8 +87,10 @@ def section_topk(args):
     num_classes, dim, k = args.topk_classes, args.topk_dim, args.k
     vectors = random_vectors(num_classes, dim)
     source = similarity.from_embeddings(vectors)
-    batch_size = max(1, similarity._TOP_K_BLOCK_ENTRIES // num_classes)
-    unit = source._unit_vectors()
+    # Blocks of about 16M entries, as `top_k` chooses by default; passed to
+    # it explicitly so that both sides work through the same blocks.
+    batch_size = max(1, (1 << 24) // num_classes)
+    unit = source.unit_vectors()
     print(
         f"\n## top_k vs the bare product (C = {num_classes:,}, d = {dim}, "
         f"k = {k}, blocks of {batch_size} rows)"
@@ -101,7 +103,7 @@ def section_topk(args):
         times["product"].append(time.perf_counter() - start)
         tracemalloc.start()
         start = time.perf_counter()
-        result = similarity.top_k(source, k)
+        result = similarity.top_k(source, k, batch_size=batch_size)
         times["top_k"].append(time.perf_counter() - start)
         peak = max(peak, tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()

@@ -253,6 +253,7 @@ def test_help_shows_every_default(name, capsys):
     assert len(defaults) == len(options) >= 6, (options, defaults)
 
 
+@pytest.mark.large
 def test_output_is_only_the_examples_own(tmp_path):
     """No TensorFlow start-up lines, no retracing warnings, tables in 100 columns.
 
