@@ -142,9 +142,9 @@ def real_array(name, value, expected, integer=False):
 def check_vector(name, value, integer=False, per="class"):
     """A 1-D array of at least 2 numbers (finite) or integers, one per `per`.
 
-    Returns a float64 (or int64) NumPy array. Wrong dtypes raise a
-    `TypeError` (see `real_array`), a wrong shape or a non-finite value a
-    `ValueError`.
+    Returns a float64 NumPy array, or integers in their own dtype (never
+    cast, so ids of any size stay exact). Wrong dtypes raise a `TypeError`
+    (see `real_array`), a wrong shape or a non-finite value a `ValueError`.
     """
     array = real_array(name, value, "a 1-D array", integer=integer)
     if array.ndim != 1 or array.shape[0] < 2:
@@ -153,7 +153,7 @@ def check_vector(name, value, integer=False, per="class"):
             f"per {per} (at least 2). Received: {name} of shape {array.shape}"
         )
     if integer:
-        return array.astype(np.int64)
+        return array
     array = array.astype(np.float64)
     if not np.all(np.isfinite(array)):
         raise ValueError(
@@ -356,13 +356,73 @@ def nan_where_invalid(values, valid):
     return ops.where(valid, values, float("nan"))
 
 
-def check_num_classes(similarity_classes, output_classes, owner):
-    """Raises when the similarity and the model output disagree in size."""
-    if similarity_classes != output_classes:
+def check_num_classes(expected_classes, output_classes, owner, source="similarity"):
+    """Raises when the classes of `owner` and of the model output differ.
+
+    `source` names what gave `owner` its classes: `"similarity"`, or an
+    argument such as `"class_values"` (one value per class).
+    """
+    if expected_classes == output_classes:
+        return
+    if source == "similarity":
         raise ValueError(
-            f"`{owner}` has a similarity over {similarity_classes} classes, "
+            f"`{owner}` has a similarity over {expected_classes} classes, "
             f"but the predictions have {output_classes} classes (last axis of "
             f"`y_pred`). The two must match. Received: "
-            f"similarity.num_classes={similarity_classes}, "
+            f"similarity.num_classes={expected_classes}, "
             f"y_pred.shape[-1]={output_classes}"
         )
+    raise ValueError(
+        f"`{owner}` has `{source}` for {expected_classes} classes, but the "
+        f"predictions have {output_classes} classes (last axis of `y_pred`). "
+        f"The two must match. Received: len({source})={expected_classes}, "
+        f"y_pred.shape[-1]={output_classes}"
+    )
+
+
+def dense_codes(ids):
+    """Integer ids as int32 codes `0, ..., n - 1` of the distinct ids, exactly.
+
+    Ids are labels, not numbers: `[0, 2**32, 1]` are three different
+    superclasses, which a cast to int32 would merge (2**32 wraps to 0). The
+    codes keep the ids' order, so equal ids get equal codes and only they.
+    """
+    return np.unique(np.asarray(ids), return_inverse=True)[1].astype(np.int32)
+
+
+# Predictions --------------------------------------------------------------
+#
+# One rule wherever a prediction is read (the loss, the read-outs, every
+# metric): an example whose row of predictions holds a NaN is never read as
+# a class. Its loss, read-out or metric contribution is NaN, as for a label
+# that is not a class (`sparse_labels`), so a diverged model reports NaN,
+# never a plausible number. No error is raised for NaN: evaluating a
+# diverged model should report it, not stop.
+
+
+def readable_rows(y_pred):
+    """Per example (`y_pred.shape[:-1]`): whether its row holds no NaN."""
+    return ops.logical_not(ops.any(ops.isnan(y_pred), axis=-1))
+
+
+def check_probabilities(y_pred, readable):
+    """Per example: whether its row is a distribution (finite, `>= 0`).
+
+    For read-outs that weigh classes by their probabilities (median, mean).
+    In eager mode a readable row (no NaN, see `readable_rows`) with a
+    negative or infinite entry raises a `ValueError`: the usual cause is
+    logits passed without `from_logits=True`. Inside a compiled function it
+    is flagged in the returned mask instead (callers give it NaN).
+    """
+    proper = ops.all(ops.logical_and(ops.isfinite(y_pred), y_pred >= 0.0), axis=-1)
+    concrete = _backend.concrete_value(
+        ops.logical_or(proper, ops.logical_not(readable))
+    )
+    if concrete is not None and not np.all(concrete):
+        row = np.asarray(_backend.concrete_value(y_pred))[~concrete][0]
+        raise ValueError(
+            "Invalid value in `y_pred`. Expected probabilities (finite and "
+            "non-negative); pass `from_logits=True` for logits. Received: a "
+            f"y_pred row {np.round(row, 6).tolist()[:10]}"
+        )
+    return ops.logical_and(readable, proper)

@@ -56,18 +56,27 @@ def _decode(y_pred, method, class_values, from_logits):
     if method == "argmax":
         # Softmax keeps the order, so logits and probabilities give the same.
         index = ops.argmax(y_pred, axis=-1)
+        valid = _utils.readable_rows(y_pred)
     else:
-        probabilities = ops.softmax(y_pred, axis=-1) if from_logits else y_pred
+        if from_logits:
+            probabilities = ops.softmax(y_pred, axis=-1)
+            valid = _utils.readable_rows(probabilities)  # NaN in, NaN out
+        else:
+            probabilities = y_pred
+            valid = _utils.check_probabilities(y_pred, _utils.readable_rows(y_pred))
         # Divide by the total (1 up to rounding) so that the read-out does not
-        # depend on whether the probabilities were normalised exactly.
+        # depend on whether the probabilities were normalised exactly. A row
+        # without mass (all zeros) is no distribution: NaN.
         total = ops.sum(probabilities, axis=-1)
+        valid = ops.logical_and(valid, total > 0.0)
         if method == "mean":
             values = (
                 ops.arange(num_classes, dtype="float32")
                 if class_values is None
                 else ops.convert_to_tensor(class_values)
             )
-            return ops.sum(probabilities * values, axis=-1) / total
+            mean = ops.sum(probabilities * values, axis=-1) / total
+            return _utils.nan_where_invalid(mean, valid)
         cumulative = ops.cumsum(probabilities, axis=-1)
         # The cumulative sum only grows, so the number of classes still
         # below half the mass is the index of the first one that reaches it.
@@ -75,8 +84,12 @@ def _decode(y_pred, method, class_values, from_logits):
         index = ops.minimum(ops.sum(ops.cast(below, "int32"), axis=-1), num_classes - 1)
     index = ops.cast(index, "int32")
     if class_values is None:
-        return ops.cast(index, "float32")
-    return ops.take(ops.convert_to_tensor(class_values), index)
+        value = ops.cast(index, "float32")
+    else:
+        value = ops.take(ops.convert_to_tensor(class_values), index)
+    # A row that cannot be read (a NaN; see `_utils.readable_rows`) is never
+    # read as a class.
+    return _utils.nan_where_invalid(value, valid)
 
 
 def decode_ordinal(y_pred, method="argmax", class_values=None, from_logits=False):
@@ -92,8 +105,14 @@ def decode_ordinal(y_pred, method="argmax", class_values=None, from_logits=False
 
     Computed in float32 with `keras.ops`, so it runs on TensorFlow, JAX and
     PyTorch and inside XLA. For `"median"` and `"mean"` the probabilities
-    are divided by their sum (1 up to rounding); an all-zero row of
-    probabilities gives class 0 for `"median"` and NaN for `"mean"`.
+    are divided by their sum (1 up to rounding).
+
+    A row that cannot be read gives NaN, never a class: a row holding a NaN
+    (a diverged model), and for `"median"` and `"mean"` a row without mass
+    (all zeros). Probabilities (`from_logits=False`) with a negative or
+    infinite entry raise a `ValueError` in eager mode for `"median"` and
+    `"mean"` (the usual cause: logits without `from_logits=True`) and give
+    NaN inside a compiled function.
 
     Args:
         y_pred: tensor of shape `(..., C)`: logits (`from_logits=True`) or
@@ -121,6 +140,7 @@ def decode_ordinal(y_pred, method="argmax", class_values=None, from_logits=False
     """
     method = _utils.check_choice("method", method, METHODS)
     class_values = _utils.check_class_values(class_values, method == "median")
+    from_logits = _utils.check_bool("from_logits", from_logits)
     return _decode(y_pred, method, class_values, from_logits)
 
 

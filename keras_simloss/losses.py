@@ -227,6 +227,8 @@ def sim_loss(y_true, y_pred, similarity, from_logits=False):
         is not a class index (out of `[0, C)`, negative, NaN, non-integer, or
         a row that is not one-hot) raises a `ValueError` in eager mode; inside
         a compiled function, where nothing can be raised, its loss is NaN.
+        An example whose predictions hold a NaN, or whose probabilities an
+        infinity, has a NaN loss.
 
     Example:
 
@@ -250,13 +252,22 @@ def sim_loss(y_true, y_pred, similarity, from_logits=False):
     leading = ops.shape(labels)
     labels = ops.reshape(labels, (-1,))
     y_pred = ops.reshape(y_pred, (-1, num_classes))
+    if 0 in tuple(y_pred.shape):
+        # An empty batch has an empty loss, as Keras's cross entropies give
+        # (Keras's `max` refuses an empty tensor on TensorFlow and PyTorch).
+        return ops.zeros(leading, "float32")
     if from_logits:
         loss = _logit_loss(similarity, labels, y_pred)
     else:
         # Clipped so that log never sees 0 and divided by the total, so
         # unnormalised inputs are treated as distributions. The unit diagonal
-        # keeps the weighted sum >= epsilon / total.
+        # keeps the weighted sum >= epsilon / total. The clip would turn an
+        # infinite entry into 1 - epsilon: such a row gives NaN instead, as
+        # a NaN does. (Its plain sum is not finite; a sum reads the row with
+        # no elementwise producer, so XLA holds no (batch, C) mask for it.)
         loss = _probability_loss(similarity, labels, y_pred, keras.config.epsilon())
+        finite = ops.isfinite(ops.sum(y_pred, axis=-1))
+        loss = _utils.nan_where_invalid(loss, finite)
     # A label that is not a class (seen only inside compiled steps; eager
     # mode raised) gives NaN, never the loss of another class.
     return _utils.nan_where_invalid(ops.reshape(loss, leading), valid)

@@ -16,7 +16,6 @@ whether higher or lower is better, so Keras callbacks (`EarlyStopping`,
 """
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_simloss import _utils, decoding
@@ -43,6 +42,8 @@ class _RatioMetric(keras.metrics.Metric):
     """
 
     num_classes = None
+    # What gave the metric its classes, named when predictions disagree.
+    _classes_from = "similarity"
     _direction = "up"
 
     def __init__(self, name, dtype=None):
@@ -61,13 +62,17 @@ class _RatioMetric(keras.metrics.Metric):
         y_pred = ops.cast(ops.convert_to_tensor(y_pred), "float32")
         num_classes = _utils.static_num_classes(y_pred)
         if self.num_classes is not None:
-            _utils.check_num_classes(self.num_classes, num_classes, type(self).__name__)
+            _utils.check_num_classes(
+                self.num_classes, num_classes, type(self).__name__, self._classes_from
+            )
         labels, valid = _utils.sparse_labels(y_true, y_pred)
         numerator, denominator = self._terms(
             ops.reshape(labels, (-1,)), ops.reshape(y_pred, (-1, num_classes))
         )
         # A label that is not a class (possible only inside compiled steps;
-        # eager mode raised) makes the result NaN, as it makes the loss NaN.
+        # eager mode raised) or a row of predictions holding a NaN makes the
+        # result NaN, as it makes the loss NaN: never a plausible number.
+        valid = ops.logical_and(valid, _utils.readable_rows(y_pred))
         numerator = _utils.nan_where_invalid(numerator, ops.reshape(valid, (-1,)))
         if sample_weight is not None:
             weight = _flat_weight(sample_weight, labels)
@@ -113,6 +118,7 @@ class _ClassDistanceMetric(_RatioMetric):
         )
         if self.class_values is not None:
             self.num_classes = self.class_values.shape[0]
+            self._classes_from = "class_values"
 
     def _difference(self, labels, y_pred):
         """Read-out minus true value, per example."""
@@ -231,13 +237,18 @@ class ClassMeanSquaredError(_ClassDistanceMetric):
 class _SuperclassMetric(_RatioMetric):
     def __init__(self, superclass_of, name=None, dtype=None):
         super().__init__(name=name, dtype=dtype)
+        # The ids as given (for the config), and as exact int32 codes for
+        # the graph: a cast would merge ids that differ above 2**31.
         self.superclass_of = _utils.check_vector(
             "superclass_of", superclass_of, integer=True
-        ).astype(np.int32)
+        )
+        self._superclass_codes = _utils.dense_codes(self.superclass_of)
         self.num_classes = self.superclass_of.shape[0]
 
+    _classes_from = "superclass_of"
+
     def _same_superclass(self, labels, predicted):
-        superclass_of = ops.convert_to_tensor(self.superclass_of)
+        superclass_of = ops.convert_to_tensor(self._superclass_codes)
         return ops.take(superclass_of, labels) == ops.take(superclass_of, predicted)
 
     def get_config(self):
@@ -425,8 +436,10 @@ class ConfusionMatrix(keras.metrics.Metric):
         counts = ops.segment_sum(weight, cell, num_segments=self.num_classes**2)
         counts = ops.reshape(counts, (self.num_classes, self.num_classes))
         # A label that is not a class (only possible inside a compiled step;
-        # eager mode raised) makes every count NaN, as it makes the other
-        # metrics NaN, rather than being counted as class 0.
+        # eager mode raised) or a row of predictions holding a NaN makes
+        # every count NaN, as it makes the other metrics NaN, rather than
+        # being counted as some class.
+        valid = ops.logical_and(valid, _utils.readable_rows(y_pred))
         counts = ops.where(ops.all(valid), counts, float("nan"))
         self.counts.assign_add(counts)
 

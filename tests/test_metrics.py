@@ -214,7 +214,7 @@ def test_bad_arguments_and_inputs():
     with pytest.raises(ValueError, match=r"class_values"):
         ClassMeanSquaredError(class_values=[[1.0, 2.0]])
     with pytest.raises(
-        ValueError, match=r"similarity.num_classes=6, y_pred.shape\[-1\]=4"
+        ValueError, match=r"len\(superclass_of\)=6, y_pred.shape\[-1\]=4"
     ):
         SuperclassAccuracy(SUPERCLASS_OF).update_state([0], [[0.1, 0.2, 0.3, 0.4]])
     with pytest.raises(ValueError, match=r"in \[0, 6\)"):
@@ -347,3 +347,19 @@ def test_decode_argument_is_checked():
         ClassMeanSquaredError(from_logits="yes")
     with pytest.raises(ValueError, match=r"increasing"):
         ClassMeanAbsoluteError(class_values=[3.0, 2.0, 1.0], decode="median")
+
+
+def test_64_bit_superclass_ids_stay_distinct():
+    # Class 1's superclass 2**32 is not class 0's superclass 0 (an int32 cast
+    # would merge them). True 0, predicted 1: a mistake in another
+    # superclass, severity 1 - S[0, 1] = 1.
+    ids = [0, 2**32, 1]
+    y, p = [0], [[0.1, 0.8, 0.1]]
+    for metric, expected in (
+        (SuperclassAccuracy(ids), 0.0),
+        (FailedSuperclassAccuracy(ids), 0.0),
+        (MistakeSeverity(similarity.from_hierarchy(ids, 0.5)), 1.0),
+    ):
+        metric.update_state(y, p)
+        assert float(metric.result()) == expected, metric.name
+    assert SuperclassAccuracy(ids).get_config()["superclass_of"] == ids

@@ -115,6 +115,28 @@ class Similarity(ArraySaving):
     dense_table_max_classes = 1024
     keep_rows = False
 
+    # Extension points of 0.1.0 that nothing calls any more, and what
+    # replaced them: a subclass defining one would be silently ignored.
+    _REPLACED = {
+        "_log_terms": "sparse_rows",
+        "_weight_terms": "sparse_rows",
+        "_use_dense_table": "uses_dense_table",
+        "_recompute_rows": "keep_rows",
+        "logit_loss": "keras_simloss.sim_loss",
+        "probability_loss": "keras_simloss.sim_loss",
+    }
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name, replacement in Similarity._REPLACED.items():
+            if name in vars(cls):
+                raise TypeError(
+                    f"{cls.__name__} defines `{name}`, which keras_simloss no "
+                    f"longer calls (since the loss moved to losses.py); "
+                    f"implement `{replacement}` instead (see "
+                    "keras_simloss/similarity/base.py)."
+                )
+
     @property
     def uses_dense_table(self):
         """Whether `rows` gathers from a dense table (see the attribute)."""

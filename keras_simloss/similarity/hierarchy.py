@@ -16,14 +16,10 @@ class HierarchySimilarity(Similarity):
     """
 
     def __init__(self, ancestors, similarities):
-        levels = np.asarray(ancestors)
+        levels = _utils.real_array("ancestors", ancestors, "ancestor ids", integer=True)
         if levels.ndim == 1:
             levels = levels[None, :]
-        if (
-            levels.ndim != 2
-            or levels.shape[1] < 2
-            or not np.issubdtype(levels.dtype, np.integer)
-        ):
+        if levels.ndim != 2 or levels.shape[1] < 2:
             raise ValueError(
                 "Invalid value for argument `ancestors`. Expected integer "
                 "ancestor ids of shape (num_classes,) for one level or "
@@ -44,12 +40,20 @@ class HierarchySimilarity(Similarity):
         self.similarities = values
         self.num_classes = levels.shape[1]
 
+    def _ancestor_codes(self, index):
+        """Level `index`'s ancestor ids as exact int32 codes (a tensor).
+
+        Ids are labels: a cast to int32 would merge ids that differ above
+        2**31 (`2**32` and `0`), so they are mapped to dense codes once.
+        """
+        return self._tensor(
+            f"ancestors_{index}", lambda: _utils.dense_codes(self.ancestors[index])
+        )
+
     def _compute_rows(self, labels):
         result = None
-        for index, (level, value) in enumerate(zip(self.ancestors, self.similarities)):
-            ancestor_of = self._tensor(
-                f"ancestors_{index}", lambda level=level: level.astype(np.int32)
-            )
+        for index, value in enumerate(self.similarities):
+            ancestor_of = self._ancestor_codes(index)
             same = ops.expand_dims(ops.take(ancestor_of, labels), -1) == (
                 ops.expand_dims(ancestor_of, 0)
             )
@@ -62,10 +66,8 @@ class HierarchySimilarity(Similarity):
 
     def _pairs(self, labels, classes):
         result = ops.zeros(ops.shape(labels), "float32")
-        for index, (level, value) in enumerate(zip(self.ancestors, self.similarities)):
-            ancestor_of = self._tensor(
-                f"ancestors_{index}", lambda level=level: level.astype(np.int32)
-            )
+        for index, value in enumerate(self.similarities):
+            ancestor_of = self._ancestor_codes(index)
             same = ops.take(ancestor_of, labels) == ops.take(ancestor_of, classes)
             result = ops.maximum(result, ops.where(same, float(value), 0.0))
         return ops.where(labels == classes, 1.0, result)

@@ -141,7 +141,8 @@ def from_confusion(confusion, lower_bound=0.0):
 
     Returns:
         A `MatrixSimilarity` (a confusion-derived matrix has no smaller exact
-        description, so the config holds the `C x C` matrix).
+        description, so it is saved whole: in the `.keras` archive above 256
+        entries).
 
     Example:
 

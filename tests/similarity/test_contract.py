@@ -133,8 +133,8 @@ def test_config_round_trip_is_exact(case):
         ),
         (
             lambda: similarity.from_hierarchy([0.5, 1.0, 1.0]),
-            ValueError,
-            r"integer ancestor ids",
+            TypeError,
+            r"ancestor ids of integers.*float64",
         ),
         (
             lambda: similarity.from_hierarchy([0, 1, 1], [0.5, 0.2]),
@@ -267,3 +267,14 @@ def test_variable_predictions(case):
     for variable in variables:
         loss = sim_loss(labels, variable, sim, from_logits=True)
         np.testing.assert_allclose(ops.convert_to_numpy(loss), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, replacement",
+    [("_log_terms", "sparse_rows"), ("_recompute_rows", "keep_rows")],
+)
+def test_a_kind_overriding_a_removed_extension_point_is_refused(name, replacement):
+    # 0.1.0's per-kind hooks are no longer called: a subclass defining one
+    # would silently compute something else, so it is refused at definition.
+    with pytest.raises(TypeError, match=rf"`{name}`.*`{replacement}`"):
+        type("OldKind", (similarity.Similarity,), {name: lambda self: None})

@@ -94,3 +94,9 @@ def test_top_k_ties_go_to_the_smaller_index():
     result = similarity.top_k(similarity.from_embeddings(vectors), k=1)
     assert result.indices[0].tolist() == [1]
     assert result.indices[2].tolist() == [0]  # cos 0.196 beats 0, 0
+
+
+@pytest.mark.parametrize("k", [1.5, True, "2"], ids=str)
+def test_top_k_rejects_a_k_of_another_type_with_a_type_error(k):
+    with pytest.raises(TypeError, match=r"`k`.*Expected an int"):
+        similarity.top_k(similarity.ordinal(4, 0.5), k=k)
