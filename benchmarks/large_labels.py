@@ -129,11 +129,12 @@ def make_loss(kind, num_classes, args):
     `.keras` archive) of one variant; the losses are the step-time
     benchmark's."""
     loss, _ = step_bench.make_loss(kind, num_classes, args)
-    sim = getattr(loss, "similarity", None)
-    if sim is None or not sim._array_arguments:
-        return loss, 0  # SCCE; similarities whose config holds everything
-    archived = sim._archived_arrays(sim._arguments())
-    return loss, sum(array.nbytes for array in archived.values())
+    if not hasattr(loss, "similarity"):
+        return loss, 0  # SCCE
+    # What Keras writes into the archive: the loss's own store.
+    store = {}
+    loss.save_own_variables(store)
+    return loss, sum(np.asarray(array).nbytes for array in store.values())
 
 
 def small_model(num_classes, features):

@@ -27,7 +27,10 @@ References:
     2015. https://arxiv.org/abs/1503.02531
 """
 
-from keras_simloss.distillation.distiller import Distiller
+from keras_simloss.distillation.distiller import (
+    Distiller,
+    logger,  # noqa: F401  (as in 0.1.0)
+)
 from keras_simloss.distillation.kd import logit_distillation_loss
 from keras_simloss.distillation.layers import (
     auto_layer_pairs,

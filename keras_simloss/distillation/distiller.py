@@ -63,8 +63,8 @@ def _check_logits_output(logits_output):
     if logits_output is not None and (
         isinstance(logits_output, bool) or not isinstance(logits_output, (str, int))
     ):
-        raise ValueError(
-            "Invalid value for argument `logits_output`. Expected None, an "
+        raise TypeError(
+            "Invalid type for argument `logits_output`. Expected None, an "
             "output key (str) or an output index (int). Received: "
             f"logits_output={logits_output!r}"
         )

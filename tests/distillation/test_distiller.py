@@ -305,7 +305,7 @@ BAD_ARGUMENTS = {
         ValueError,
         r"`layer_pairs`. Expected \"auto\" or a list.*Received: layer_pairs=None",
     ),
-    "logits-output": ({"logits_output": 1.5}, ValueError, r"logits_output=1.5"),
+    "logits-output": ({"logits_output": 1.5}, TypeError, r"logits_output=1.5"),
     "unknown-layer": (
         {"layer_pairs": [("nope", "block")]},
         ValueError,
