@@ -2,6 +2,7 @@
 keras.distribution on JAX, and loss values across backends, each in
 subprocesses."""
 
+import importlib.util
 import inspect
 import json
 import os
@@ -221,9 +222,21 @@ _LOSS_VALUES = """
 """
 
 
+# The backends this test needs besides TensorFlow, when they are missing:
+# `pip install ".[test]"` installs neither (see README, Development).
+_MISSING_BACKENDS = [
+    name for name in ("jax", "torch") if importlib.util.find_spec(name) is None
+]
+
+
 @pytest.mark.large
 @pytest.mark.skipif(
     BACKEND != "tensorflow", reason="runs every backend itself, once per suite"
+)
+@pytest.mark.skipif(
+    bool(_MISSING_BACKENDS),
+    reason=f"compares TensorFlow with JAX and PyTorch; not installed: "
+    f"{', '.join(_MISSING_BACKENDS)} (pip install '.[jax]' torch)",
 )
 def test_loss_values_agree_across_backends_within_1e_5(tmp_path):
     keras.utils.set_random_seed(0)
