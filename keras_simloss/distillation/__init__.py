@@ -43,6 +43,9 @@ from keras_simloss.distillation.sp import (
     similarity_preserving_loss,
 )
 
+# A saved config names its class's module: the public path, as in 0.1.0.
+Distiller.__module__ = SimilarityPreserving.__module__ = __name__
+
 __all__ = [
     "Distiller",
     "SimilarityPreserving",

@@ -45,6 +45,19 @@ from keras_simloss.similarity.ordinal import OrdinalSimilarity, ordinal
 from keras_simloss.similarity.sparse import SparseSimilarity
 from keras_simloss.similarity.top_k import top_k
 
+# A saved config names its class's module: the public path, as in 0.1.0, not
+# the module of this subpackage that holds the class now.
+for _kind in (
+    EmbeddingSimilarity,
+    HierarchySimilarity,
+    MatrixSimilarity,
+    OrdinalSimilarity,
+    Similarity,
+    SparseSimilarity,
+):
+    _kind.__module__ = __name__
+del _kind
+
 __all__ = [
     "EmbeddingSimilarity",
     "HierarchySimilarity",
