@@ -9,7 +9,11 @@ Everything else in the package is written with `keras.ops`. What is here:
 - data-parallel replica and device counts (`num_replicas`,
   `data_parallel_shards`);
 - a workaround for Keras's multi-worker TensorFlow trainer
-  (`multi_worker`, `build_from_local_batch`).
+  (`multi_worker`, `build_from_local_batch`);
+- whether Keras is writing a legacy `.h5` file (`saving_legacy_h5`).
+
+The last two read Keras internals that have no public API; tests fail
+loudly when Keras changes them.
 """
 
 import keras
@@ -257,3 +261,21 @@ def build_from_local_batch(model, iterator):
     )
     with strategy.scope():
         model._symbolic_build(data_batch=local_batch)
+
+
+# Saving ------------------------------------------------------------------------
+
+
+def saving_legacy_h5():
+    """Whether Keras is writing a legacy `.h5` file, which has no archive.
+
+    Keras's own `Sequential` and `Functional` read the same flag to write
+    their legacy configs. It has no public API: a Keras without it counts as
+    "no", and `test_legacy_h5_refuses_a_similarity_whose_arrays_need_an_archive`
+    then fails, so the change does not go unnoticed.
+    """
+    try:
+        from keras.src.backend.common import global_state
+    except ImportError:
+        return False
+    return bool(global_state.get_global_attribute("use_legacy_config", False))

@@ -13,7 +13,12 @@ missing ("pending"). `load_own_variables` (called by
 `keras.models.load_model`) supplies them; within one process, so does any
 live similarity with the same arrays, matched by the content hash, on first
 use, so that a `MistakeSeverity` sharing the loss's similarity is restored
-with it (Keras saves no state of compiled metrics).
+with it (Keras saves no state of compiled metrics). Every live similarity
+with its arrays counts (an original, its copies, a loaded model), so the
+death of one never strands a config made from another.
+
+A legacy `.h5` file has no place for such arrays: `get_config` refuses to
+write it rather than save a model that loads without its similarity.
 """
 
 import hashlib
@@ -21,12 +26,34 @@ import weakref
 
 import numpy as np
 
+from keras_simloss import _backend
+
 # The config key that marks arrays stored in the archive; its value is their
 # content hash.
 _ARCHIVE_KEY = "arrays_in_archive"
 
-# Similarities whose arrays are at hand, by content hash (weakly held).
-_WITH_ARRAYS = weakref.WeakValueDictionary()
+# Similarities whose arrays are at hand: content hash -> every live one
+# (weakly held). A single entry per hash would be taken over by a copy, e.g.
+# the one `copy.deepcopy` of a loss loads, and vanish when that copy dies.
+_WITH_ARRAYS = {}
+
+
+def _register(fingerprint, similarity):
+    holders = _WITH_ARRAYS.get(fingerprint)
+    if holders is None:
+        # Forget the hashes whose similarities are all gone (a few strings).
+        for stale in [key for key, live in _WITH_ARRAYS.items() if not live]:
+            del _WITH_ARRAYS[stale]
+        holders = _WITH_ARRAYS[fingerprint] = weakref.WeakSet()
+    holders.add(similarity)
+
+
+def _holder(fingerprint):
+    """A live similarity whose arrays have `fingerprint`, or `None`."""
+    for similarity in list(_WITH_ARRAYS.get(fingerprint, ())):
+        if not similarity._arrays_pending:
+            return similarity
+    return None
 
 
 class ArraySaving:
@@ -64,6 +91,22 @@ class ArraySaving:
             else:
                 config[name] = value
         if arrays:
+            if _backend.saving_legacy_h5():
+                sizes = ", ".join(
+                    f"`{name}` of shape {tuple(array.shape)}"
+                    for name, array in arrays.items()
+                )
+                raise ValueError(
+                    f"Cannot save this {type(self).__name__} in the legacy "
+                    f"`.h5` format: its arrays ({sizes}) are saved only in a "
+                    "`.keras` archive, and an `.h5` file would load without "
+                    "them. Expected `model.save(path)` with a path ending in "
+                    "`.keras`. Received: a legacy `.h5` save that includes "
+                    "the compiled loss and metrics. To keep `.h5`, pass "
+                    "`include_optimizer=False` (no compile config; compile "
+                    "again after loading) or save the weights alone with "
+                    "`model.save_weights(...)`."
+                )
             config[_ARCHIVE_KEY] = self._fingerprint(arrays)
         return config
 
@@ -77,6 +120,12 @@ class ArraySaving:
         similarity = cls.__new__(cls)
         similarity._pending = (config, fingerprint)
         similarity.num_classes = config[cls._array_arguments[0]]["shape"][0]
+        # The scalar arguments are known already (e.g. `keep_rows`, which a
+        # class default would otherwise answer); `__init__` validates them
+        # with the arrays.
+        for name, value in config.items():
+            if name not in cls._array_arguments:
+                setattr(similarity, name, value)
         return similarity
 
     def save_own_variables(self, store):
@@ -105,18 +154,29 @@ class ArraySaving:
             if not isinstance(config.get(name), dict):
                 continue
             if name not in store:
+                # Keras retries a loss that failed to load from its other
+                # path (`_compile_loss/_user_loss`, an empty store) and shows
+                # only the last error: repeat the first diagnosis.
+                diagnosis = self.__dict__.get("_load_failure")
+                if diagnosis is not None:
+                    raise ValueError(diagnosis)
                 raise ValueError(
                     f"The saved state of this {type(self).__name__} has no "
                     f"array `{name}`: the `.keras` archive does not match its "
                     f"config. Received arrays: {sorted(store.keys())}"
                 )
             arrays[name] = np.asarray(store[name])
-        if self._fingerprint(arrays) != fingerprint:
-            raise ValueError(
+        received = self._fingerprint(arrays)
+        if received != fingerprint:
+            self._load_failure = (
                 f"The arrays saved for this {type(self).__name__} do not match "
                 "the content hash in its config: the `.keras` archive is "
-                "damaged or mixes two saves."
+                "damaged or mixes two saves. Expected arrays with hash "
+                f"{fingerprint}. Received: arrays "
+                f"{', '.join(f'`{name}`' for name in sorted(arrays))} with "
+                f"hash {received}."
             )
+            raise ValueError(self._load_failure)
         self._fill(arrays)
 
     @property
@@ -145,14 +205,32 @@ class ArraySaving:
         fingerprint = digest.hexdigest()
         if own:
             self._own_fingerprint = fingerprint
-            _WITH_ARRAYS[fingerprint] = self
+            _register(fingerprint, self)
         return fingerprint
 
     def _fill(self, arrays):
         """Completes a similarity made by `from_config` with its arrays."""
         config, fingerprint = self.__dict__.pop("_pending")
+        self.__dict__.pop("_load_failure", None)
         self.__init__(**{**config, **arrays})  # validates them, as on creation
-        _WITH_ARRAYS[fingerprint] = self
+        _register(fingerprint, self)
+
+    def __getstate__(self):
+        # A copy (or pickle) leaves out the cached backend tensors: they may
+        # be TensorFlow variables, and the copy makes its own on first use,
+        # independent of the original's.
+        state = dict(self.__dict__)
+        state.pop("_tensors", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if not self._arrays_pending and self._array_arguments:
+            # A copy holds the arrays too: registered under their hash now,
+            # so that it stands in for the original once that is gone.
+            arrays = self._archived_arrays(self._arguments())
+            if arrays:
+                self._fingerprint(arrays)
 
     def __getattr__(self, name):
         # Only reached when an attribute is missing: the arrays of a
@@ -163,8 +241,8 @@ class ArraySaving:
                 f"{type(self).__name__!r} object has no attribute {name!r}"
             )
         config, fingerprint = pending
-        twin = _WITH_ARRAYS.get(fingerprint)
-        if twin is None or twin._arrays_pending:
+        twin = _holder(fingerprint)
+        if twin is None:
             raise ValueError(
                 f"This {type(self).__name__} was made from a config whose "
                 "arrays are stored in a `.keras` archive, and they were never "
