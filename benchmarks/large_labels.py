@@ -4,7 +4,9 @@ Prints, side by side in one run (issue 12):
 
 1. `topk`: `similarity.top_k(from_embeddings(vectors), k)` against the bare
    blocked `C x C x d` float32 product it is built on (same blocks, same
-   process), with the peak memory NumPy allocated during `top_k`.
+   process), with the peak memory NumPy allocated during `top_k`, for
+   random vectors and for heavily tied ones (a few one-hot "attribute"
+   vectors, each shared by many classes; issue 18) of the same `C` and `d`.
 2. `save`: `.keras` save and load time, file size and config size of a
    `features -> C` model compiled with SimLoss (each kind of similarity)
    against the same model with `SparseCategoricalCrossentropy`, and whether
@@ -83,42 +85,79 @@ def bare_product(unit, batch_size):
         del block
 
 
+def tied_vectors(num_classes, dim, attributes, seed=0):
+    """One-hot "attribute" vectors: `attributes` distinct ones (at most `dim`),
+    each shared by about `C / attributes` classes, so every row has that many
+    classes tied at cosine 1 and the rest at 0 (issue 18)."""
+    rng = np.random.default_rng(seed)
+    return np.eye(dim, dtype="f4")[rng.integers(0, min(attributes, dim), num_classes)]
+
+
+def timed_top_k(source, k, batch_size):
+    """(seconds, peak bytes NumPy allocated) of one `top_k`."""
+    tracemalloc.start()
+    start = time.perf_counter()
+    result = similarity.top_k(source, k, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    del result
+    gc.collect()
+    return seconds, peak
+
+
 def section_topk(args):
     num_classes, dim, k = args.topk_classes, args.topk_dim, args.k
     vectors = random_vectors(num_classes, dim)
-    source = similarity.from_embeddings(vectors)
+    sources = {
+        "random": similarity.from_embeddings(vectors),
+        "tied": similarity.from_embeddings(
+            tied_vectors(num_classes, dim, args.topk_tied_attributes)
+        ),
+    }
     # Blocks of about 16M entries, as `top_k` chooses by default; passed to
-    # it explicitly so that both sides work through the same blocks.
+    # it explicitly so that every side works through the same blocks.
     batch_size = max(1, (1 << 24) // num_classes)
-    unit = source.unit_vectors()
+    unit = sources["random"].unit_vectors()
     print(
         f"\n## top_k vs the bare product (C = {num_classes:,}, d = {dim}, "
         f"k = {k}, blocks of {batch_size} rows)"
     )
-    times = {"product": [], "top_k": []}
-    peak = 0
-    for _ in range(args.topk_rounds):
-        start = time.perf_counter()
-        bare_product(unit, batch_size)
-        times["product"].append(time.perf_counter() - start)
-        tracemalloc.start()
-        start = time.perf_counter()
-        result = similarity.top_k(source, k, batch_size=batch_size)
-        times["top_k"].append(time.perf_counter() - start)
-        peak = max(peak, tracemalloc.get_traced_memory()[1])
-        tracemalloc.stop()
-        del result
-        gc.collect()
-    product = statistics.median(times["product"])
-    search = statistics.median(times["top_k"])
+    times = {"product": [], "random": [], "tied": []}
+    peak = {"random": 0, "tied": 0}
+    for round_index in range(args.topk_rounds):
+        # Sides take turns, in both orders, so that load changes hit all.
+        order = ["product", "random", "tied"]
+        for side in order if round_index % 2 == 0 else order[::-1]:
+            if side == "product":
+                start = time.perf_counter()
+                bare_product(unit, batch_size)
+                times["product"].append(time.perf_counter() - start)
+                continue
+            seconds, side_peak = timed_top_k(sources[side], k, batch_size)
+            times[side].append(seconds)
+            peak[side] = max(peak[side], side_peak)
+    median = {side: statistics.median(values) for side, values in times.items()}
+    product = median["product"]
     print("| what | seconds | ratio to product | peak MiB allocated |")
     print("|---|---|---|---|")
-    print(f"| bare C x C x d float32 product | {product:.1f} | 1.00 | - |")
+    print(f"| bare C x C x d float32 product | {product:.2f} | 1.00 | - |")
     print(
-        f"| `top_k(from_embeddings(vectors), k={k})` | {search:.1f} | "
-        f"{search / product:.2f} | {peak / 2**20:.0f} |"
+        f"| `top_k(from_embeddings(random vectors), k={k})` | "
+        f"{median['random']:.2f} | {median['random'] / product:.2f} | "
+        f"{peak['random'] / 2**20:.0f} |"
     )
-    print(f"(table itself: {vectors.nbytes / 2**20:.0f} MiB; rounds: {times})")
+    print(
+        f"| `top_k(from_embeddings(tied vectors), k={k})`: "
+        f"{min(args.topk_tied_attributes, dim)} one-hot attribute vectors | "
+        f"{median['tied']:.2f} | {median['tied'] / product:.2f} | "
+        f"{peak['tied'] / 2**20:.0f} |"
+    )
+    print(
+        f"(tied / random: {median['tied'] / median['random']:.2f}; table itself: "
+        f"{vectors.nbytes / 2**20:.0f} MiB; rounds: "
+        f"{ {side: [round(t, 3) for t in values] for side, values in times.items()} })"
+    )
 
 
 # 2. Saving ------------------------------------------------------------------
@@ -393,6 +432,12 @@ def main(argv=None):
     parser.add_argument("--topk-classes", type=int, default=100_000)
     parser.add_argument("--topk-dim", type=int, default=300)
     parser.add_argument("--topk-rounds", type=int, default=1)
+    parser.add_argument(
+        "--topk-tied-attributes",
+        type=int,
+        default=3,
+        help="distinct one-hot vectors of the tied `topk` case (at most d)",
+    )
     parser.add_argument("--save-classes", type=int, default=100_000)
     parser.add_argument("--save-features", type=int, default=64)
     parser.add_argument("--matrix-classes", type=int, default=4_000)

@@ -1,5 +1,7 @@
 """`top_k` (`similarity/top_k.py`): exact, ties to the smaller index, in blocks."""
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -81,6 +83,96 @@ def test_top_k_is_exact_against_the_full_sort(case, batch_size):
         result = similarity.top_k(sim, k, batch_size=batch_size)
         np.testing.assert_array_equal(result.indices, expected.indices)
         np.testing.assert_array_equal(result.values, expected.values)
+
+
+def _heavily_tied_cases():
+    """Rows with hundreds of classes tied at the top (issue 18), and the path
+    each must take at k = 10: `prefix` (settled from the first tied classes
+    of the row), `whole` (rows searched whole; also `prefix` where listed)."""
+    rng = np.random.default_rng(18)
+    # One-hot "attribute" vectors: a third of the classes at cosine 1.
+    attributes = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 3000)]
+    # A few distinct vectors, repeated and scaled: duplicates and parallel
+    # vectors, whose float64 cosines may differ in the last bits.
+    few = rng.normal(size=(5, 8)).astype(np.float32)
+    scale = rng.choice([1.0, 3.0, 0.1], size=(2000, 1)).astype(np.float32)
+    repeated = few[rng.integers(0, 5, 2000)] * scale
+    # One-hot in 150 dimensions: about 10 classes at cosine 1, fewer than
+    # k + 1 = 11, then 1400 tied at 0: searched whole.
+    small_groups = np.eye(150, dtype=np.float32)[rng.integers(0, 150, 1500)]
+    return {
+        "one-hot-attributes": (
+            lambda: similarity.from_embeddings(attributes),
+            {"prefix"},
+        ),
+        "one-hot-attributes-l0.5": (
+            lambda: similarity.from_embeddings(attributes, 0.5),
+            {"prefix"},
+        ),
+        "duplicated-and-parallel": (
+            lambda: similarity.from_embeddings(repeated, 0.1),
+            {"prefix"},
+        ),
+        "one-hot-groups-below-k": (
+            lambda: similarity.from_embeddings(small_groups),
+            {"prefix", "whole"},
+        ),
+        # Dense rows: 999 classes tied at 0.5 in each row.
+        "hierarchy-blocks-of-1000": (
+            lambda: similarity.from_hierarchy(np.arange(3000) // 1000, 0.5),
+            {"prefix"},
+        ),
+        # 6 classes at 0.6, then 493 tied at 0.3: fewer than k at the top.
+        "hierarchy-two-levels": (
+            lambda: similarity.from_hierarchy(
+                [np.arange(2000) // 7, np.arange(2000) // 500], [0.6, 0.3]
+            ),
+            {"whole"},
+        ),
+    }
+
+
+HEAVILY_TIED_CASES = _heavily_tied_cases()
+
+
+def _spy_on_tie_paths(monkeypatch):
+    """Counts the rows settled from a prefix and the rows searched whole."""
+    module = importlib.import_module("keras_simloss.similarity.top_k")
+    counts = {"prefix": 0, "whole": 0}
+    first_at_bound, best = module._first_at_bound, module._best
+
+    def spied_first_at_bound(*args):
+        result = first_at_bound(*args)
+        counts["prefix"] += int(result[-1].sum())
+        return result
+
+    def spied_best(values, k, rows=None, width=None):
+        counts["whole"] += len(values) if rows is None else len(rows)
+        return best(values, k, rows, width)
+
+    monkeypatch.setattr(module, "_first_at_bound", spied_first_at_bound)
+    monkeypatch.setattr(module, "_best", spied_best)
+    return counts
+
+
+@pytest.mark.parametrize("k", [1, 10], ids=["k1", "k10"])
+@pytest.mark.parametrize("case", list(HEAVILY_TIED_CASES), ids=list(HEAVILY_TIED_CASES))
+def test_top_k_is_exact_on_heavily_tied_rows(case, k, monkeypatch):
+    build, paths = HEAVILY_TIED_CASES[case]
+    sim = build()
+    expected = _top_k_reference(sim, k)
+    counts = _spy_on_tie_paths(monkeypatch)
+    # Blocks of 250 rows: several blocks, each with its own tied rows; rows
+    # searched in pieces of a few rows, so that pieces split each block.
+    module = importlib.import_module("keras_simloss.similarity.top_k")
+    monkeypatch.setattr(module, "_PIECE_ENTRIES", 1 << 14)
+    result = similarity.top_k(sim, k, batch_size=250)
+    np.testing.assert_array_equal(result.indices, expected.indices)
+    np.testing.assert_array_equal(result.values, expected.values)
+    if k == 10:
+        # The rows took the tie paths, not the search of the top chunks
+        # (which would still be exact here, only slow at large C).
+        assert {path for path, rows in counts.items() if rows} == paths
 
 
 def test_top_k_ties_go_to_the_smaller_index():
