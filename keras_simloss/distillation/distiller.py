@@ -11,7 +11,7 @@ import keras
 from keras import ops
 
 from keras_simloss import _backend, _utils
-from keras_simloss.distillation.kd import MAX_TEMPERATURE, logit_distillation_loss
+from keras_simloss.distillation.kd import check_temperature, logit_distillation_loss
 from keras_simloss.distillation.layers import (
     _check_layer_pairs,
     _input_shapes,
@@ -214,14 +214,7 @@ class Distiller(keras.Model):
             "gamma", gamma, 0.0, _MAX_GAMMA, high_inclusive=True
         )
         self.alpha = _utils.check_number("alpha", alpha, 0.0, 1.0, high_inclusive=True)
-        self.temperature = _utils.check_number(
-            "temperature",
-            temperature,
-            0.0,
-            MAX_TEMPERATURE,
-            low_inclusive=False,
-            high_inclusive=True,
-        )
+        self.temperature = check_temperature(temperature)
         self.gram_batch = _utils.check_choice(
             "gram_batch", gram_batch, ("replica", "global")
         )

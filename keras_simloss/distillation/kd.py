@@ -16,6 +16,18 @@ from keras_simloss import _utils
 MAX_TEMPERATURE = 100.0
 
 
+def check_temperature(temperature):
+    """Validates a softmax temperature, `0 < temperature <= 100`."""
+    return _utils.check_number(
+        "temperature",
+        temperature,
+        0.0,
+        MAX_TEMPERATURE,
+        low_inclusive=False,
+        high_inclusive=True,
+    )
+
+
 def _check_logits(logits, name):
     """Logits must be a tensor with a class axis."""
     if not hasattr(logits, "shape"):
@@ -73,14 +85,7 @@ def logit_distillation_loss(
         Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural
         Network", 2015. https://arxiv.org/abs/1503.02531
     """
-    temperature = _utils.check_number(
-        "temperature",
-        temperature,
-        0.0,
-        MAX_TEMPERATURE,
-        low_inclusive=False,
-        high_inclusive=True,
-    )
+    temperature = check_temperature(temperature)
     teacher_logits = _check_logits(teacher_logits, "teacher_logits")
     student_logits = _check_logits(student_logits, "student_logits")
     if teacher_logits.shape[-1] != student_logits.shape[-1]:
