@@ -401,8 +401,14 @@ def dense_codes(ids):
 
 
 def readable_rows(y_pred):
-    """Per example (`y_pred.shape[:-1]`): whether its row holds no NaN."""
-    return ops.logical_not(ops.any(ops.isnan(y_pred), axis=-1))
+    """Per example (`y_pred.shape[:-1]`): whether its row holds no NaN.
+
+    Read from the row's plain sum, which is NaN exactly when the row holds a
+    NaN (or both infinities, no predictions either): a sum reads the row
+    with no elementwise producer, so under XLA no `(batch, C)` mask is held
+    for it in a training step.
+    """
+    return ops.logical_not(ops.isnan(ops.sum(y_pred, axis=-1)))
 
 
 def check_probabilities(y_pred, readable):
