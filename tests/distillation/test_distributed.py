@@ -222,6 +222,21 @@ _LOSS_VALUES = """
 """
 
 
+def _json_of_script(script, env, *args):
+    """Runs `script` in a child Python from the repository root; returns the
+    JSON object its last output line holds (fails with its stderr)."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 # The backends this test needs besides TensorFlow, when they are missing:
 # `pip install ".[test]"` installs neither (see README, Development).
 _MISSING_BACKENDS = [
@@ -250,16 +265,7 @@ def test_loss_values_agree_across_backends_within_1e_5(tmp_path):
     results = {}
     for backend in ("tensorflow", "jax", "torch"):
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        done = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(_LOSS_VALUES), path],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=REPO_ROOT,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        results[backend] = json.loads(done.stdout.strip().splitlines()[-1])
+        results[backend] = _json_of_script(_LOSS_VALUES, env, path)
     reference = results["tensorflow"]
     for backend, values in results.items():
         for key, value in values.items():
@@ -326,16 +332,7 @@ def test_data_parallel_on_two_jax_host_devices():
         TF_CPP_MIN_LOG_LEVEL="3",
         XLA_FLAGS="--xla_force_host_platform_device_count=2",
     )
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_DATA_PARALLEL)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO_ROOT,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = _json_of_script(_DATA_PARALLEL, env)
     assert results["devices"] == 2
     for losses in (
         results["replica"]["losses"],
