@@ -16,19 +16,33 @@ a different error measure:
 under XLA); `OrdinalDecoding` is the same as a layer, to append to a trained
 classifier so that the exported model outputs an age.
 
+For any class similarity `S` (ordered or not), `decode_min_risk` picks the
+class of minimum expected cost with cost `1 - S` (Karthik et al.'s CRM), and
+`MinRiskDecoding` is the same as a layer.
+
 References:
     Rothe, Timofte, Van Gool, "DEX: Deep EXpectation of apparent age from a
     single image", ICCV Workshops 2015 (the mean read-out).
     Paplham, Franc, "A Call to Reflect on Evaluation Practices for Age
     Estimation", CVPR 2024. https://arxiv.org/abs/2307.04570
+    Karthik, Prabhu, Dokania, Torr, "No Cost Likelihood Manipulation at Test
+    Time for Making Better Mistakes in Deep Networks", ICLR 2021.
+    https://arxiv.org/abs/2104.00795
 """
 
 import keras
 from keras import ops
 
 from keras_simloss import _utils
+from keras_simloss import similarity as similarity_lib
 
-__all__ = ["METHODS", "OrdinalDecoding", "decode_ordinal"]
+__all__ = [
+    "METHODS",
+    "MinRiskDecoding",
+    "OrdinalDecoding",
+    "decode_min_risk",
+    "decode_ordinal",
+]
 
 METHODS = ("argmax", "median", "mean")
 
@@ -204,3 +218,150 @@ class OrdinalDecoding(keras.layers.Layer):
             }
         )
         return config
+
+
+def min_risk_classes(y_pred, similarity, from_logits, owner="decode_min_risk"):
+    """`(classes, valid)` of min-risk decoding, on validated arguments.
+
+    `classes`: int32 of shape `y_pred.shape[:-1]`; `valid`: whether each row
+    could be read (callers give the others NaN).
+    """
+    y_pred = ops.cast(ops.convert_to_tensor(y_pred), "float32")
+    num_classes = _utils.static_num_classes(y_pred)
+    _utils.check_num_classes(similarity.num_classes, num_classes, owner)
+    leading = ops.shape(y_pred)[:-1]
+    if from_logits:
+        probabilities = ops.softmax(y_pred, axis=-1)
+        valid = _utils.readable_rows(probabilities)
+    else:
+        probabilities = y_pred
+        valid = _utils.check_probabilities(y_pred, _utils.readable_rows(y_pred))
+        # The expected similarities scale with the total, so it is not
+        # divided out; a row without mass is no distribution.
+        valid = ops.logical_and(valid, ops.sum(y_pred, axis=-1) > 0.0)
+    flat = ops.reshape(probabilities, (-1, num_classes))
+    if 0 in tuple(flat.shape):
+        return ops.zeros(leading, "int32"), valid
+    classes = ops.argmax(similarity.expected(flat), axis=-1)
+    return ops.reshape(ops.cast(classes, "int32"), leading), valid
+
+
+def decode_min_risk(y_pred, similarity, from_logits=False):
+    """The class of least expected cost under the predictions (min-risk).
+
+    For each example, the class `j` that maximises the expected similarity
+    to the truth under the predicted distribution `p`,
+    `sum_c p_c S[c, j]`: the minimum expected cost with cost `1 - S`
+    (Karthik et al.'s CRM, "conditional risk minimisation"). With `S` the
+    identity it is the argmax. It changes only the read-out, not the model:
+    apply it to a model trained with any loss.
+
+    Computed with `keras.ops` in float32 on any backend and under XLA;
+    `Similarity.expected` gives the expected similarities without a `C x C`
+    matrix for the structured kinds (`ordinal`: two scans, `O(C log C)` per
+    example; a hierarchy that is a tree: one segment sum per level;
+    `top_k`/`SparseSimilarity`: one per neighbour slot; embeddings: all rows
+    in blocks, `O(C^2 d)` per batch). Ties go to the smaller class index.
+
+    Args:
+        y_pred: logits (`from_logits=True`) or probabilities, `(..., C)`.
+        similarity: a `Similarity` or a `(C, C)` array-like over the same
+            `C` classes.
+        from_logits: whether `y_pred` holds logits. Defaults to `False`.
+
+    Returns:
+        float32 class indices of shape `y_pred.shape[:-1]` (exact up to
+        2**24 classes); NaN for a row that cannot be read: one holding a NaN,
+        a row of probabilities without mass (all zeros), and, inside a
+        compiled function, probabilities with a negative or infinite entry
+        (which raise a `ValueError` in eager mode: the usual cause is logits
+        passed without `from_logits=True`). Cast to int after checking for
+        NaN, e.g. with `keras.ops.isnan`.
+
+    Example:
+
+    >>> from keras_simloss import similarity
+    >>> p = np.array([[0.4, 0.0, 0.3, 0.3]])  # argmax says class 0
+    >>> s = similarity.ordinal(4, 0.5)
+    >>> # class 2: 0.4 * 0.25 + 0.3 * 1 + 0.3 * 0.5 = 0.55
+    >>> # class 0: 0.4 * 1 + 0.3 * 0.25 + 0.3 * 0.125 = 0.5125
+    >>> np.asarray(decode_min_risk(p, s)).tolist()
+    [2.0]
+
+    Reference:
+        Karthik et al., "No Cost Likelihood Manipulation at Test Time for
+        Making Better Mistakes in Deep Networks", ICLR 2021.
+        https://arxiv.org/abs/2104.00795
+    """
+    similarity = similarity_lib.get(similarity)
+    from_logits = _utils.check_bool("from_logits", from_logits)
+    classes, valid = min_risk_classes(y_pred, similarity, from_logits)
+    return _utils.nan_where_invalid(ops.cast(classes, "float32"), valid)
+
+
+@_utils.register
+class MinRiskDecoding(keras.layers.Layer):
+    """Layer that outputs the min-risk class of its inputs (`decode_min_risk`).
+
+    Append it to a trained classifier to export a model whose output is the
+    class of least expected cost under a similarity: `(..., C)` in, float32
+    class indices `(...)` out (NaN for unreadable rows). It has no weights;
+    the similarity is saved in its config and, if large, in the `.keras`
+    archive, as for `SimLoss`.
+
+    Args:
+        similarity: a `Similarity` or a `(C, C)` array-like.
+        from_logits: whether the inputs are logits. Defaults to `False`.
+        **kwargs: base layer arguments (`name`, ...).
+
+    Example:
+
+    >>> import keras
+    >>> from keras_simloss import similarity
+    >>> classifier = keras.Sequential([keras.Input((2,)), keras.layers.Dense(5)])
+    >>> exported = keras.Sequential(
+    ...     [classifier, MinRiskDecoding(similarity.ordinal(5, 0.7), from_logits=True)]
+    ... )
+    >>> exported.predict(np.zeros((4, 2)), verbose=0).shape
+    (4,)
+    """
+
+    def __init__(self, similarity, from_logits=False, **kwargs):
+        super().__init__(**kwargs)
+        self.similarity = similarity_lib.get(similarity)
+        self.from_logits = _utils.check_bool("from_logits", from_logits)
+        self.built = True  # no weights
+
+    def call(self, inputs):
+        return decode_min_risk(inputs, self.similarity, self.from_logits)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)[:-1]
+
+    def compute_output_spec(self, inputs):
+        _utils.check_num_classes(
+            self.similarity.num_classes,
+            _utils.static_num_classes(inputs),
+            "MinRiskDecoding",
+        )
+        return keras.KerasTensor(tuple(inputs.shape)[:-1], dtype="float32")
+
+    def get_config(self):
+        config = super().get_config()
+        config["similarity"] = keras.saving.serialize_keras_object(self.similarity)
+        config["from_logits"] = self.from_logits
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["similarity"] = similarity_lib.get(config["similarity"])
+        return cls(**config)
+
+    def save_own_variables(self, store):
+        """Saves the similarity's large arrays (if any) into the `.keras` file."""
+        self.similarity.save_own_variables(store)
+
+    def load_own_variables(self, store):
+        """Restores the similarity's large arrays from the `.keras` file."""
+        self.similarity.load_own_variables(store)

@@ -10,6 +10,8 @@ neighbour lists) and gives the losses and metrics the parts they read:
   that count and their similarities, `(batch, n)` each; `None` (the
   default) means the rows are read whole;
 - `pairs(labels, classes)`: `S[labels[i], classes[i]]`, `(batch,)`;
+- `expected(probabilities)`: `p @ S`, the expected similarity of each class
+  `j` to the truth, `sum_c p_c S[c, j]`, `(batch, C)` (min-risk decoding);
 - `numpy_rows(classes)`: the rows in NumPy, eagerly, outside any graph;
 - `numpy.asarray(similarity)`: the dense float32 matrix.
 
@@ -18,7 +20,9 @@ of a batch of labels with `keras.ops`, traceable under XLA, never a `C x C`
 matrix), `numpy_rows` and `_arguments` (the constructor arguments, for the
 config; see `saving.ArraySaving`); optionally `_compute_log_rows` (when
 `log` of the rows would underflow), `_pairs` (when two entries are cheaper
-than a row) and `sparse_rows`.
+than a row), `sparse_rows`, and `_compute_expected` (`p @ S` without the
+table; the default reads the `C` rows in blocks, which is right only for a
+symmetric `S`: a kind sets `symmetric = True` to use it).
 """
 
 import numpy as np
@@ -34,6 +38,10 @@ _MAX_CLASSES_CHECKED_DENSE = 2048
 
 # Rows per block when a similarity is turned into a dense matrix.
 _NUMPY_BLOCK_ROWS = 1024
+
+# Entries of the `(block, C)` rows that `expected` computes at a time when it
+# reads all rows of `S` in blocks (16 MiB of float32).
+_EXPECTED_BLOCK_ENTRIES = 2**22
 
 
 def validate_matrix(matrix, name="similarity"):
@@ -114,6 +122,9 @@ class Similarity(ArraySaving):
     num_classes = None
     dense_table_max_classes = 1024
     keep_rows = False
+    # Whether `S[i, j] == S[j, i]` by construction: the default
+    # `_compute_expected` reads columns as rows.
+    symmetric = False
 
     # Extension points of 0.1.0 that nothing calls any more, and what
     # replaced them: a subclass defining one would be silently ignored.
@@ -175,6 +186,24 @@ class Similarity(ArraySaving):
         """`S[labels[i], classes[i]]` for each example; shape `(batch,)`."""
         return self._pairs(int32(labels), int32(classes))
 
+    def expected(self, probabilities):
+        """`p @ S`: for each class `j`, `sum_c p_c S[c, j]`; `(batch, C)`.
+
+        Under a predicted distribution `p` over the true class `c`, the
+        expected similarity of a prediction `j` to the truth (one minus the
+        expected cost with cost `1 - S`), as min-risk decoding reads it.
+        float32, with `keras.ops`, traceable under XLA. Kinds with a dense
+        table multiply by it; the structured kinds never form `C x C`.
+
+        Args:
+            probabilities: float tensor `(batch, C)`.
+        """
+        probabilities = ops.cast(probabilities, "float32")
+        if self.uses_dense_table:
+            table = self._tensor("similarity_table", lambda: self._dense_tables()[0])
+            return ops.matmul(probabilities, table)
+        return self._compute_expected(probabilities)
+
     def numpy_rows(self, classes):
         """Rows `S[classes]` as a `float32` NumPy array, computed eagerly."""
         raise NotImplementedError
@@ -201,6 +230,30 @@ class Similarity(ArraySaving):
 
     def _compute_log_rows(self, labels):
         return ops.log(self._compute_rows(labels))
+
+    def _compute_expected(self, probabilities):
+        """`p @ S` from all rows of `S`, `block` at a time (`O(batch C^2)`
+        work, `(block, C)` and `(batch, C)` memory): column `j` of a
+        symmetric `S` is row `j`."""
+        if not self.symmetric:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not say it is symmetric: implement "
+                "`_compute_expected` (p @ S) or set `symmetric = True`."
+            )
+        num_classes = self.num_classes
+        block = max(1, min(num_classes, _EXPECTED_BLOCK_ENTRIES // num_classes))
+        count = -(-num_classes // block)
+        offsets = ops.arange(block, dtype="int32")
+
+        def columns(start):
+            # The last block repeats the last class; its extra columns are
+            # cut off below.
+            classes = ops.minimum(start + offsets, num_classes - 1)
+            return ops.einsum("bc,kc->bk", probabilities, self._compute_rows(classes))
+
+        parts = ops.map(columns, ops.arange(count, dtype="int32") * block)
+        flat = ops.reshape(ops.transpose(parts, (1, 0, 2)), (-1, count * block))
+        return flat[:, :num_classes]
 
     def _pairs(self, labels, classes):
         picked = ops.take_along_axis(

@@ -74,6 +74,8 @@ class EmbeddingSimilarity(Similarity):
         )
         return ops.where(same_class, 1.0, similarity)
 
+    symmetric = True  # p @ S by the base class's blocks of rows
+
     def _compute_rows(self, labels):
         unit = self._unit_tensor()
         # (b, d) x (d, C): the only O(b C d) work; no C x C matrix is formed.

@@ -50,6 +50,46 @@ class HierarchySimilarity(Similarity):
             f"ancestors_{index}", lambda: _utils.dense_codes(self.ancestors[index])
         )
 
+    symmetric = True
+
+    def _nested_weights(self):
+        """For a tree, the weights of `p @ S` by group masses; else `None`.
+
+        Nested means each level's groups lie inside one group of the next
+        level (sharing an ancestor at level `k` implies sharing every later
+        one), so `S[c, j] = t_m`, `m` the first level `c` and `j` share and
+        `t_k = max(s_k, s_(k+1), ...)`. Then `(p @ S)_j = (1 - t_1) p_j +
+        sum_k (t_k - t_(k+1)) M_k(j)` (`t_(L+1) = 0`), with `M_k(j)` the
+        mass of `j`'s group at level `k`: every weight is `>= 0`.
+        """
+        codes = [_utils.dense_codes(level) for level in self.ancestors]
+        for near, far in zip(codes, codes[1:]):
+            first = np.full(near.max() + 1, -1, np.int64)
+            first[near] = far  # any one of each group's later ids
+            if np.any(first[near] != far):
+                return None
+        suffix = np.maximum.accumulate(self.similarities[::-1])[::-1]
+        following = np.append(suffix[1:], 0.0)
+        return 1.0 - suffix[0], suffix - following
+
+    def _compute_expected(self, probabilities):
+        weights = self.__dict__.get("_expected_weights", False)
+        if weights is False:
+            weights = self._expected_weights = self._nested_weights()
+        if weights is None:  # not a tree: read all rows in blocks
+            return super()._compute_expected(probabilities)
+        own, levels = weights
+        result = float(own) * probabilities
+        by_class = ops.transpose(probabilities)  # (C, batch): segments on axis 0
+        for index, weight in enumerate(levels):
+            if weight == 0.0:
+                continue
+            codes = self._ancestor_codes(index)
+            groups = int(np.max(_utils.dense_codes(self.ancestors[index]))) + 1
+            mass = ops.segment_sum(by_class, codes, num_segments=groups)
+            result = result + float(weight) * ops.transpose(ops.take(mass, codes, 0))
+        return result
+
     def _compute_rows(self, labels):
         result = None
         for index, value in enumerate(self.similarities):

@@ -100,6 +100,21 @@ class SparseSimilarity(Similarity):
             ops.sum(spread, axis=1), ops.one_hot(labels, self.num_classes)
         )
 
+    def _compute_expected(self, probabilities):
+        # (p @ S)_j = p_j + sum over (c, n) with indices[c, n] = j of
+        # p_c values[c, n]: one segment sum over the classes per slot n, so
+        # O(batch C k) work and (C, batch) buffers (not C x k x batch).
+        by_class = ops.transpose(probabilities)  # (C, batch)
+        indices = self._tensor("indices", lambda: self.indices)
+        values = self._tensor("values", lambda: self.values)
+        result = by_class
+        for slot in range(self.indices.shape[1]):
+            spread = by_class * ops.expand_dims(values[:, slot], -1)
+            result = result + ops.segment_sum(
+                spread, indices[:, slot], num_segments=self.num_classes
+            )
+        return ops.transpose(result)
+
     def sparse_rows(self, labels):
         """The own class and the `k` neighbours, `(batch, k + 1)`, and `S`.
 
