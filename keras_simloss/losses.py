@@ -1,4 +1,6 @@
-"""SimLoss: cross entropy that knows which classes are alike."""
+"""SimLoss and soft-label cross entropy: losses that know which classes are alike."""
+
+import math
 
 import keras
 from keras import ops
@@ -6,7 +8,7 @@ from keras import ops
 from keras_simloss import _backend, _utils
 from keras_simloss import similarity as similarity_lib
 
-__all__ = ["SimLoss", "sim_loss"]
+__all__ = ["SimLoss", "SoftLabelCrossEntropy", "sim_loss", "soft_label_cross_entropy"]
 
 
 # The maths of SimLoss ---------------------------------------------------------
@@ -196,6 +198,137 @@ def _probability_loss(similarity, labels, probabilities, epsilon):
     return _backend.with_gradient(forward, backward, probabilities, labels)
 
 
+# Soft-label cross entropy ------------------------------------------------------
+#
+# Targets `q = softmax(beta * S[y])`. The largest entry of a row of `S` is its
+# diagonal, 1, so `q_c = w_c / sum_k w_k` with `w_c = exp(beta (S[y, c] - 1))
+# <= 1`: nothing overflows at any beta. For a similarity with sparse rows,
+# every class off the `k + 1` listed ones has `S = 0`, so its weight is the
+# same `base = exp(-beta)`; the listed ones carry `w - base` on top, and the
+# total is `C base + sum (w - base)`: `O(k)` work beyond the logits' own
+# reductions, as for SimLoss. Gradients in closed form, as for SimLoss:
+# `softmax(z) - q` from logits; from probabilities `m_c (1 / T - q_c / p_c)`
+# with `T` the clipped total and `m_c` the clip's mask.
+
+
+def _soft_targets(similarity, labels, beta):
+    """`(weights, positions, base, total)`: `q = (base + weights at positions)
+    / total` (`positions` `None`: `weights` are whole rows and `base` 0)."""
+    entries = similarity.sparse_rows(labels)
+    if entries is None:
+        weights = ops.exp(beta * (similarity.rows(labels) - 1.0))
+        return weights, None, 0.0, ops.sum(weights, axis=-1, keepdims=True)
+    positions, values = entries
+    base = math.exp(-beta)
+    # Unused slots (similarity 0) carry exactly nothing on top of the base.
+    weights = ops.where(values > 0.0, ops.exp(beta * (values - 1.0)) - base, 0.0)
+    total = similarity.num_classes * base + ops.sum(weights, axis=-1, keepdims=True)
+    return weights, positions, base, total
+
+
+def _target_sum(targets, log_p, log_p_sum):
+    """`sum_c q_c log p_c` per example, `(batch,)`: `log_p` is `(batch, C)`
+    (whole rows) or the listed classes' `(batch, n)`; `log_p_sum` the sum of
+    `log p` over all classes (sparse rows only)."""
+    weights, positions, base, total = targets
+    # A weight that underflowed to 0 contributes 0, even against log p = -inf.
+    weighted = ops.sum(ops.where(weights > 0.0, weights * log_p, 0.0), axis=-1)
+    if positions is not None and base > 0.0:
+        weighted = weighted + base * log_p_sum
+    return weighted / ops.squeeze(total, -1)
+
+
+def _soft_logit_loss(similarity, labels, logits, beta):
+    """Per-example soft-label cross entropy from logits; shape `(batch,)`."""
+    num_classes = similarity.num_classes
+
+    def targets_and_logs(labels, logits, shift):
+        targets = _soft_targets(similarity, labels, beta)
+        positions = targets[1]
+        if positions is None:
+            return targets, _shifted(logits, shift), None
+        picked = _shifted(ops.take_along_axis(logits, positions, axis=-1), shift)
+        total = ops.sum(logits, axis=-1) - num_classes * ops.squeeze(
+            shift[0] + shift[1], -1
+        )
+        return targets, picked, total
+
+    def forward(logits, labels):
+        shift = _log_softmax_shift(logits)
+        targets, log_p, log_p_sum = targets_and_logs(
+            _after(labels, shift[1]), logits, shift
+        )
+        return -_target_sum(targets, log_p, log_p_sum), (shift,)
+
+    def backward(logits, labels, residuals, upstream):
+        (shift,) = residuals
+        weights, positions, base, total = _soft_targets(
+            similarity, _after(labels, shift[1]), beta
+        )
+        upstream = ops.expand_dims(upstream, -1)
+        softmax = ops.exp((logits - shift[0]) - shift[1])
+        if positions is None:
+            return (softmax - weights / total) * upstream
+        return _scatter_add(
+            (softmax - base / total) * upstream,
+            positions,
+            -(weights / total) * upstream,
+        )
+
+    return _backend.with_gradient(forward, backward, logits, labels)
+
+
+def _soft_probability_loss(similarity, labels, probabilities, epsilon, beta):
+    """Per-example soft-label cross entropy from probabilities, clipped to
+    `[epsilon, 1 - epsilon]` and divided by their sum, as in `sim_loss`."""
+    low, high = float(epsilon), 1.0 - float(epsilon)
+
+    def forward(probabilities, labels):
+        clipped = ops.clip(probabilities, low, high)
+        total = ops.sum(clipped, axis=-1, keepdims=True)
+        targets = _soft_targets(similarity, _after(labels, total), beta)
+        positions = targets[1]
+        if positions is None:
+            log_p, log_sum = ops.log(clipped), None
+        else:
+            log_p = ops.log(
+                ops.clip(ops.take_along_axis(probabilities, positions, -1), low, high)
+            )
+            log_sum = ops.sum(ops.log(clipped), axis=-1)
+        loss = ops.log(ops.squeeze(total, -1)) - _target_sum(targets, log_p, log_sum)
+        return loss, (total,)
+
+    def backward(probabilities, labels, residuals, upstream):
+        (total,) = residuals
+        weights, positions, base, target_total = _soft_targets(
+            similarity, _after(labels, total), beta
+        )
+        upstream = ops.expand_dims(upstream, -1)
+        inside = (probabilities >= low) & (probabilities <= high)
+        if positions is None:
+            gradient = 1.0 / total - (weights / target_total) / probabilities
+            return ops.where(inside, gradient * upstream, 0.0)
+        whole = ops.where(
+            inside,
+            (1.0 / total - (base / target_total) / probabilities) * upstream,
+            0.0,
+        )
+        values = ops.take_along_axis(probabilities, positions, axis=-1)
+        part = ops.where(
+            (values >= low) & (values <= high),
+            (weights / target_total) / values * upstream,
+            0.0,
+        )
+        return _scatter_add(whole, positions, -part)
+
+    return _backend.with_gradient(forward, backward, probabilities, labels)
+
+
+def check_beta(beta):
+    """Validates the soft labels' `beta`: a finite number `>= 0`."""
+    return _utils.check_number("beta", beta, 0.0)
+
+
 def sim_loss(y_true, y_pred, similarity, from_logits=False):
     """Per-example SimLoss (Kobs et al., Eq. 1).
 
@@ -241,12 +374,28 @@ def sim_loss(y_true, y_pred, similarity, from_logits=False):
         Kobs et al., "SimLoss: Class Similarities in Cross Entropy", 2020.
         https://arxiv.org/abs/2003.03182
     """
+    return _per_example(
+        "SimLoss",
+        y_true,
+        y_pred,
+        similarity,
+        from_logits,
+        _logit_loss,
+        _probability_loss,
+    )
+
+
+def _per_example(
+    owner, y_true, y_pred, similarity, from_logits, logit_loss, probability_loss
+):
+    """The shapes, checks and NaN rules shared by the losses; `logit_loss`
+    and `probability_loss` compute the loss of a flat batch."""
     similarity = similarity_lib.get(similarity)
     # float32 whatever the policy: float16 rounds small probabilities to 0
     # and overflows exp of moderate logits.
     y_pred = ops.cast(ops.convert_to_tensor(y_pred), "float32")
     num_classes = _utils.static_num_classes(y_pred)
-    _utils.check_num_classes(similarity.num_classes, num_classes, "SimLoss")
+    _utils.check_num_classes(similarity.num_classes, num_classes, owner)
     labels, valid = _utils.sparse_labels(y_true, y_pred)
     # The similarities work on a flat batch: (..., C) -> (N, C).
     leading = ops.shape(labels)
@@ -257,15 +406,15 @@ def sim_loss(y_true, y_pred, similarity, from_logits=False):
         # (Keras's `max` refuses an empty tensor on TensorFlow and PyTorch).
         return ops.zeros(leading, "float32")
     if from_logits:
-        loss = _logit_loss(similarity, labels, y_pred)
+        loss = logit_loss(similarity, labels, y_pred)
     else:
         # Clipped so that log never sees 0 and divided by the total, so
-        # unnormalised inputs are treated as distributions. The unit diagonal
-        # keeps the weighted sum >= epsilon / total. The clip would turn an
-        # infinite entry into 1 - epsilon: such a row gives NaN instead, as
-        # a NaN does. (Its plain sum is not finite; a sum reads the row with
-        # no elementwise producer, so XLA holds no (batch, C) mask for it.)
-        loss = _probability_loss(similarity, labels, y_pred, keras.config.epsilon())
+        # unnormalised inputs are treated as distributions. The clip would
+        # turn an infinite entry into 1 - epsilon: such a row gives NaN
+        # instead, as a NaN does. (Its plain sum is not finite; a sum reads
+        # the row with no elementwise producer, so XLA holds no (batch, C)
+        # mask for it.)
+        loss = probability_loss(similarity, labels, y_pred, keras.config.epsilon())
         finite = ops.isfinite(ops.sum(y_pred, axis=-1))
         loss = _utils.nan_where_invalid(loss, finite)
     # A label that is not a class (seen only inside compiled steps; eager
@@ -273,8 +422,117 @@ def sim_loss(y_true, y_pred, similarity, from_logits=False):
     return _utils.nan_where_invalid(ops.reshape(loss, leading), valid)
 
 
+def soft_label_cross_entropy(y_true, y_pred, similarity, beta, from_logits=False):
+    """Per-example cross entropy against soft labels from a class similarity.
+
+    The target of a label `y` is `q = softmax(beta * S[y])`, i.e.
+    `q_c ∝ exp(-beta * d(y, c))` with `d = 1 - S` (Bertinetto et al.'s
+    soft labels; with `S = ordinal(C, r)`-like distances, SORD), and
+
+        loss = -sum_c q_c log p_c
+
+    `beta = 0` gives uniform targets; large `beta` approaches sparse
+    categorical cross entropy (`q` one-hot on `y`). Shapes, label rules,
+    NaN rules, float32 numerics and the clipping of probabilities are those
+    of `sim_loss`; the gradient is in closed form, and structured
+    similarities never form a `C x C` matrix (sparse ones read `k + 1`
+    classes per example beyond the logits' own reductions).
+
+    Args:
+        y_true: class indices, or one-hot rows (decided by rank).
+        y_pred: logits or probabilities of shape `(..., C)`.
+        similarity: a `Similarity` or a `(C, C)` array-like.
+        beta: the targets' sharpness, a finite number `>= 0`.
+        from_logits: whether `y_pred` holds logits. Defaults to `False`.
+
+    Returns:
+        A float32 tensor of shape `y_pred.shape[:-1]`.
+
+    Example:
+
+    >>> from keras_simloss import similarity
+    >>> s = similarity.ordinal(3, 0.5)
+    >>> loss = soft_label_cross_entropy([0], [[0.5, 0.3, 0.2]], s, beta=2.0)
+    >>> q = np.exp(2.0 * np.array([1.0, 0.5, 0.25]))
+    >>> q /= q.sum()
+    >>> round(float(loss[0]), 5) == round(float(-(q * np.log([0.5, 0.3, 0.2])).sum()), 5)
+    True
+
+    Reference:
+        Bertinetto, Mueller, Tertikas, Samangooei, Lord, "Making Better
+        Mistakes: Leveraging Class Hierarchies with Deep Networks", CVPR
+        2020, https://arxiv.org/abs/1912.09393 (soft labels). Diaz, Marathe,
+        "Soft Labels for Ordinal Regression", CVPR 2019 (SORD).
+    """
+    beta = check_beta(beta)
+    from_logits = _utils.check_bool("from_logits", from_logits)
+    return _per_example(
+        "SoftLabelCrossEntropy",
+        y_true,
+        y_pred,
+        similarity,
+        from_logits,
+        lambda s, labels, logits: _soft_logit_loss(s, labels, logits, beta),
+        lambda s, labels, p, eps: _soft_probability_loss(s, labels, p, eps, beta),
+    )
+
+
+class _SimilarityLoss(keras.losses.Loss):
+    """What the losses over a class similarity share: the dtype rule, the
+    similarity's config and its arrays in the `.keras` archive."""
+
+    def __init__(self, similarity, from_logits, reduction, name, dtype):
+        compute_dtype = (
+            dtype.compute_dtype if isinstance(dtype, keras.DTypePolicy) else dtype
+        )
+        if dtype is not None and keras.backend.standardize_dtype(compute_dtype) not in (
+            "float32",
+            "float64",
+        ):
+            # Keras casts the labels to the loss's dtype before `call`: in
+            # float16 or bfloat16 class indices above 2048 or 256 round.
+            raise ValueError(
+                "Invalid value for argument `dtype`. Expected None, 'float32' or "
+                "'float64' (Keras casts the labels to it, and half precision "
+                "would round class indices; the loss is computed in float32 "
+                f"under any policy anyway). Received: dtype={dtype!r}"
+            )
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.from_logits = _utils.check_bool("from_logits", from_logits)
+        self.similarity = similarity_lib.get(similarity)
+
+    @property
+    def num_classes(self):
+        """The number of classes `C` of the similarity."""
+        return self.similarity.num_classes
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "similarity": keras.saving.serialize_keras_object(self.similarity),
+                "from_logits": self.from_logits,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["similarity"] = similarity_lib.get(config["similarity"])
+        return cls(**config)
+
+    def save_own_variables(self, store):
+        """Saves the similarity's large arrays (if any) into the `.keras` file."""
+        self.similarity.save_own_variables(store)
+
+    def load_own_variables(self, store):
+        """Restores the similarity's large arrays from the `.keras` file."""
+        self.similarity.load_own_variables(store)
+
+
 @_utils.register
-class SimLoss(keras.losses.Loss):
+class SimLoss(_SimilarityLoss):
     """Cross entropy with class similarities (SimLoss).
 
     For a label `y`, predicted probabilities `p` and a class-similarity
@@ -343,53 +601,62 @@ class SimLoss(keras.losses.Loss):
         name="sim_loss",
         dtype=None,
     ):
-        compute_dtype = (
-            dtype.compute_dtype if isinstance(dtype, keras.DTypePolicy) else dtype
-        )
-        if dtype is not None and keras.backend.standardize_dtype(compute_dtype) not in (
-            "float32",
-            "float64",
-        ):
-            # Keras casts the labels to the loss's dtype before `call`: in
-            # float16 or bfloat16 class indices above 2048 or 256 round.
-            raise ValueError(
-                "Invalid value for argument `dtype`. Expected None, 'float32' or "
-                "'float64' (Keras casts the labels to it, and half precision "
-                "would round class indices; the loss is computed in float32 "
-                f"under any policy anyway). Received: dtype={dtype!r}"
-            )
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.from_logits = _utils.check_bool("from_logits", from_logits)
-        self.similarity = similarity_lib.get(similarity)
-
-    @property
-    def num_classes(self):
-        """The number of classes `C` of the similarity."""
-        return self.similarity.num_classes
+        super().__init__(similarity, from_logits, reduction, name, dtype)
 
     def call(self, y_true, y_pred):
         return sim_loss(y_true, y_pred, self.similarity, from_logits=self.from_logits)
 
+
+@_utils.register
+class SoftLabelCrossEntropy(_SimilarityLoss):
+    """Cross entropy against soft labels `softmax(beta * S[y])`.
+
+    The best-known alternative to SimLoss for "better mistakes": instead of
+    counting mass on similar classes as partly correct (SimLoss), it trains
+    the model to put mass on them, in proportion to `exp(-beta * (1 - S))`
+    (Bertinetto et al., 2020; SORD, Diaz & Marathe, 2019, for ordered
+    classes). See `soft_label_cross_entropy` for the formula and rules.
+
+    Args:
+        similarity: a `Similarity` or a `(C, C)` array-like, as for `SimLoss`.
+        beta: the targets' sharpness, a finite number `>= 0`: 0 gives
+            uniform targets, large values cross entropy. Bertinetto et al.
+            searched beta over 4 to 30 on hierarchy distances scaled to
+            [0, 1]; pick it on held-out data.
+        from_logits: whether `y_pred` holds logits. Defaults to `False`.
+        reduction: as for any Keras loss. Defaults to `"sum_over_batch_size"`.
+        name: Defaults to `"soft_label_cross_entropy"`.
+        dtype: `"float32"`, `"float64"` or `None`, as for `SimLoss`.
+
+    Example:
+
+    >>> from keras_simloss import similarity
+    >>> loss = SoftLabelCrossEntropy(similarity.ordinal(5, 0.5), beta=5.0)
+    >>> float(loss([2], [[0.0, 0.0, 1.0, 0.0, 0.0]])) > 0  # q is not one-hot
+    True
+
+    In a model: `model.compile(loss=SoftLabelCrossEntropy(s, beta=10.0,
+    from_logits=True))`.
+    """
+
+    def __init__(
+        self,
+        similarity,
+        beta,
+        from_logits=False,
+        reduction="sum_over_batch_size",
+        name="soft_label_cross_entropy",
+        dtype=None,
+    ):
+        super().__init__(similarity, from_logits, reduction, name, dtype)
+        self.beta = check_beta(beta)
+
+    def call(self, y_true, y_pred):
+        return soft_label_cross_entropy(
+            y_true, y_pred, self.similarity, self.beta, from_logits=self.from_logits
+        )
+
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "similarity": keras.saving.serialize_keras_object(self.similarity),
-                "from_logits": self.from_logits,
-            }
-        )
+        config["beta"] = self.beta
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["similarity"] = similarity_lib.get(config["similarity"])
-        return cls(**config)
-
-    def save_own_variables(self, store):
-        """Saves the similarity's large arrays (if any) into the `.keras` file."""
-        self.similarity.save_own_variables(store)
-
-    def load_own_variables(self, store):
-        """Restores the similarity's large arrays from the `.keras` file."""
-        self.similarity.load_own_variables(store)
