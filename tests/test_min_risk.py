@@ -74,6 +74,26 @@ def test_expected_similarity_without_a_table_at_3000_classes():
         np.testing.assert_allclose(got, p @ matrix, rtol=1e-5, atol=1e-7, err_msg=kind)
 
 
+@pytest.mark.parametrize("hub", [False, True], ids=["few-listers", "hub"])
+def test_sparse_expected_similarity_with_and_without_a_hub(hub):
+    # Without a hub the lists are turned around and gathered; a class listed
+    # by every other one (more than 64 listers) is scattered slot by slot.
+    num_classes = 100
+    classes = np.arange(num_classes)
+    indices = np.stack([(classes + 1) % num_classes, (classes + 2) % num_classes], 1)
+    if hub:
+        indices[1 : num_classes - 1, 1] = 0
+    values = np.random.default_rng(8).uniform(0.1, 0.9, size=indices.shape)
+    sim = similarity.SparseSimilarity(indices, values)
+    reference = np.eye(num_classes)
+    for c in classes:
+        reference[c, indices[c]] = values[c]
+    p = _probabilities(num_classes, n=4)
+    got = to_numpy(compile_function(sim.expected)(p))
+    np.testing.assert_allclose(got, p.astype(np.float64) @ reference, atol=1e-6)
+    assert (sim._incoming_arrays is None) == hub
+
+
 @pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probs"])
 @pytest.mark.parametrize("case", sorted(ALL))
 def test_decode_min_risk_is_the_argmax_of_expected_similarity(case, from_logits):

@@ -8,6 +8,29 @@ from keras import ops
 from keras_simloss import _utils
 from keras_simloss.similarity.base import Similarity, checked
 
+# Classes per block of `expected` (a (K, K) product within blocks).
+_EXPECTED_BLOCK = 64
+
+
+def _scan_blocks(values, factor, direction):
+    """Exclusive scan `out_n = factor * out_(n - 1) + values_(n - 1)` along
+    axis 1 (`direction=-1`: from the right), by doubling: log2(n) shifted
+    adds of `(batch, n)`; powers of `factor` that underflow end it early."""
+    count = values.shape[1]
+
+    def shifted(x, step):
+        pad = ops.zeros_like(x[:, :step])
+        if direction > 0:
+            return ops.concatenate([pad, x[:, :-step]], axis=1)
+        return ops.concatenate([x[:, step:], pad], axis=1)
+
+    total, step, power = values, 1, float(factor)
+    while step < count and power > 0.0:
+        total = total + power * shifted(total, step)
+        step, power = step * 2, power * power
+    # Inclusive to exclusive: block n receives from n - 1 and beyond.
+    return shifted(total, 1)
+
 
 @_utils.register
 class OrdinalSimilarity(Similarity):
@@ -47,24 +70,38 @@ class OrdinalSimilarity(Similarity):
     symmetric = True
 
     def _compute_expected(self, probabilities):
-        # (p @ S)_j = L_j + R_j with L_j = sum_{c <= j} r^(j - c) p_c (the
-        # recurrence L_j = r L_(j-1) + p_j) and R_j = sum_{c > j} r^(c - j)
-        # p_c: two scans by doubling (Hillis-Steele), log2(C) shifted adds
-        # each, O(batch C log C) work, no C x C. Every term is >= 0, so
-        # nothing cancels; r^shift underflowing to 0 ends a scan early.
+        # (p @ S)_j = sum_c p_c r^|j - c| without C x C, exactly (every term
+        # >= 0, nothing cancels). The classes are cut into blocks of K:
+        # pairs within a block are one (K, K) product; a block's mass to the
+        # left reaches class j of block n as r^(j - start_n) L_n, with
+        # L_n = r^K L_(n-1) + u_(n-1) and u_a = sum_(c in a) p_c
+        # r^(start_(a+1) - c); the right side mirrors it. The carries are
+        # (batch, C / K) scans by doubling, so the step holds a few
+        # (batch, C) buffers and does O(batch C K) work in matrix products.
         r = self.reduction_factor
-        left, right = probabilities, probabilities
-        shift = 1
-        while shift < self.num_classes and r**shift > 0.0:
-            factor = float(r**shift)
-            pad = ops.zeros_like(left[:, :shift])
-            left = left + factor * ops.concatenate([pad, left[:, :-shift]], -1)
-            right = right + factor * ops.concatenate([right[:, shift:], pad], -1)
-            shift *= 2
-        if r == 0.0:
-            return left
-        after = ops.concatenate([right[:, 1:], ops.zeros_like(right[:, :1])], -1)
-        return left + r * after
+        num_classes = self.num_classes
+        size = min(num_classes, _EXPECTED_BLOCK)
+        blocks = -(-num_classes // size)
+        offsets = np.arange(size)
+        within = r ** np.abs(offsets[:, None] - offsets[None, :]).astype(np.float64)
+        padded = ops.pad(probabilities, [[0, 0], [0, blocks * size - num_classes]])
+        cut = ops.reshape(padded, (-1, blocks, size))
+        result = ops.einsum(
+            "bnk,kj->bnj", cut, ops.convert_to_tensor(within, "float32")
+        )
+        if r == 0.0 or blocks == 1:
+            return ops.reshape(result, (-1, blocks * size))[:, :num_classes]
+        to_right = ops.convert_to_tensor(r ** (size - offsets), "float32")  # u_a
+        to_left = ops.convert_to_tensor(r ** (offsets + 1.0), "float32")
+        left = _scan_blocks(ops.einsum("bnk,k->bn", cut, to_right), r**size, 1)
+        right = _scan_blocks(ops.einsum("bnk,k->bn", cut, to_left), r**size, -1)
+        result = (
+            result
+            + ops.expand_dims(left, -1) * ops.convert_to_tensor(r**offsets, "float32")
+            + ops.expand_dims(right, -1)
+            * ops.convert_to_tensor(r ** (size - 1.0 - offsets), "float32")
+        )
+        return ops.reshape(result, (-1, blocks * size))[:, :num_classes]
 
     def numpy_rows(self, classes):
         classes = np.asarray(classes)

@@ -6,6 +6,10 @@ from keras import ops
 from keras_simloss import _utils
 from keras_simloss.similarity.base import Similarity, int32
 
+# `expected` gathers from the turned-around neighbour lists while no class is
+# listed by more than this many others (else it scatters, slot by slot).
+_MAX_INCOMING_ROUNDS = 64
+
 
 @_utils.register
 class SparseSimilarity(Similarity):
@@ -100,18 +104,63 @@ class SparseSimilarity(Similarity):
             ops.sum(spread, axis=1), ops.one_hot(labels, self.num_classes)
         )
 
+    def _incoming(self):
+        """The neighbour lists turned around: for each class `j`, the classes
+        `c` that list it and `S[c, j]`, `(rounds, C)` each, `rounds` the
+        largest number of classes listing one class (padding: `j` itself
+        with 0). `None` when that exceeds `_MAX_INCOMING_ROUNDS`."""
+        used = self.values > 0
+        sources = np.broadcast_to(np.arange(self.num_classes)[:, None], used.shape)
+        targets, sources, values = (
+            self.indices[used],
+            sources[used],
+            self.values[used],
+        )
+        order = np.argsort(targets, kind="stable")
+        targets, sources, values = targets[order], sources[order], values[order]
+        counts = np.bincount(targets, minlength=self.num_classes)
+        rounds = int(counts.max(initial=0))
+        if rounds > _MAX_INCOMING_ROUNDS:
+            return None
+        # The position of each edge among its target's incoming edges.
+        rank = np.arange(len(targets)) - np.repeat(np.cumsum(counts) - counts, counts)
+        incoming = np.tile(np.arange(self.num_classes, dtype=np.int32), (rounds, 1))
+        weights = np.zeros((rounds, self.num_classes), np.float32)
+        incoming[rank, targets] = sources
+        weights[rank, targets] = values
+        return incoming, weights
+
     def _compute_expected(self, probabilities):
-        # (p @ S)_j = p_j + sum over (c, n) with indices[c, n] = j of
-        # p_c values[c, n]: one segment sum over the classes per slot n, so
-        # O(batch C k) work and (C, batch) buffers (not C x k x batch).
-        by_class = ops.transpose(probabilities)  # (C, batch)
+        # (p @ S)_j = p_j + sum over the classes c listing j of p_c S[c, j].
+        # Gathered round by round from the turned-around lists: each round
+        # one gather and one multiply-add over (batch, C), fused, so
+        # O(batch C rounds) work in about two (batch, C) buffers.
+        arrays = self.__dict__.get("_incoming_arrays", False)
+        if arrays is False:
+            arrays = self._incoming_arrays = self._incoming()
+        if arrays is None:
+            return self._scattered_expected(probabilities)
+        incoming = self._tensor("incoming", lambda: arrays[0])
+        weights = self._tensor("incoming_weights", lambda: arrays[1])
+        result = probabilities
+        for index in range(arrays[0].shape[0]):
+            picked = ops.take(probabilities, incoming[index], axis=1)
+            result = result + picked * weights[index]
+        return result
+
+    def _scattered_expected(self, probabilities):
+        """`p @ S` by one scatter-add per neighbour slot into `(C, batch)`,
+        for lists where some class is listed by very many (hubs)."""
+        by_class = ops.transpose(probabilities)
         indices = self._tensor("indices", lambda: self.indices)
         values = self._tensor("values", lambda: self.values)
         result = by_class
         for slot in range(self.indices.shape[1]):
-            spread = by_class * ops.expand_dims(values[:, slot], -1)
-            result = result + ops.segment_sum(
-                spread, indices[:, slot], num_segments=self.num_classes
+            result = ops.scatter_update(
+                result,
+                ops.expand_dims(indices[:, slot], -1),
+                by_class * ops.expand_dims(values[:, slot], -1),
+                reduction="add",
             )
         return ops.transpose(result)
 
