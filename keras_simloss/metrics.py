@@ -53,12 +53,12 @@ class _ClassReader:
         self.from_logits = _utils.check_bool("from_logits", from_logits)
         if isinstance(decode, dict):  # from a config
             decode = similarity_lib.get(decode)
-        if isinstance(decode, str) and not (decode == "min_risk" and own is not None):
+        if isinstance(decode, str):
+            if decode == "min_risk" and own is not None:
+                self.decode, self._decode_similarity = "min_risk", own
+                return
             choices = methods + (("min_risk",) if own is not None else ())
             self.decode = _utils.check_choice("decode", decode, choices)
-            return
-        if decode == "min_risk":
-            self.decode, self._decode_similarity = "min_risk", own
             return
         try:
             self._decode_similarity = similarity_lib.get(decode)
@@ -770,7 +770,7 @@ class QuadraticWeightedKappa(_ClassReader, keras.metrics.Metric):
 
 
 @_utils.register
-class ConfusionMatrix(keras.metrics.Metric):
+class ConfusionMatrix(_ClassReader, keras.metrics.Metric):
     """Weighted confusion matrix over an epoch: `counts[true, predicted]`.
 
     `counts[i, j]` is the summed sample weight (the number of examples when
@@ -788,6 +788,10 @@ class ConfusionMatrix(keras.metrics.Metric):
 
     Args:
         num_classes: int >= 2, the number of classes `C`.
+        decode: `"argmax"` (the default), or a similarity: count the
+            min-risk class under it (`keras_simloss.decode_min_risk`).
+        from_logits: whether `y_pred` holds logits; matters for min-risk
+            decoding only. Defaults to `False`.
         name: Defaults to `"confusion_matrix"`.
         dtype: dtype of the result. Defaults to `None` (float32).
 
@@ -800,9 +804,17 @@ class ConfusionMatrix(keras.metrics.Metric):
     [[1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
     """
 
-    def __init__(self, num_classes, name="confusion_matrix", dtype=None):
+    def __init__(
+        self,
+        num_classes,
+        decode="argmax",
+        from_logits=False,
+        name="confusion_matrix",
+        dtype=None,
+    ):
         super().__init__(name=name, dtype=dtype)
         self.num_classes = _utils.check_int("num_classes", num_classes, low=2)
+        self._init_decode(decode, from_logits)
         self.counts = self.add_variable(
             shape=(self.num_classes, self.num_classes),
             initializer="zeros",
@@ -821,7 +833,9 @@ class ConfusionMatrix(keras.metrics.Metric):
                 f"y_pred.shape={tuple(y_pred.shape)}"
             )
         labels, valid = _utils.sparse_labels(y_true, y_pred)
-        predicted = ops.reshape(_argmax(y_pred), (-1,))
+        predicted, read = self._predicted(
+            ops.reshape(ops.cast(y_pred, "float32"), (-1, num_classes))
+        )
         if sample_weight is None:
             weight = ops.ones(ops.shape(predicted), "float32")
         else:
@@ -836,6 +850,8 @@ class ConfusionMatrix(keras.metrics.Metric):
         # every count NaN, as it makes the other metrics NaN, rather than
         # being counted as some class.
         valid = ops.logical_and(valid, _utils.readable_rows(y_pred))
+        if read is not None:
+            valid = ops.logical_and(ops.reshape(valid, (-1,)), read)
         counts = ops.where(ops.all(valid), counts, float("nan"))
         self.counts.assign_add(counts)
 
@@ -843,4 +859,10 @@ class ConfusionMatrix(keras.metrics.Metric):
         return ops.cast(self.counts, self.dtype)
 
     def get_config(self):
-        return {"num_classes": self.num_classes, "name": self.name, "dtype": self.dtype}
+        return {
+            "num_classes": self.num_classes,
+            "decode": self._decode_config(),
+            "from_logits": self.from_logits,
+            "name": self.name,
+            "dtype": self.dtype,
+        }

@@ -9,6 +9,7 @@ import pytest
 from keras_simloss import (
     AccuracyWithinK,
     ClassMeanAbsoluteError,
+    ConfusionMatrix,
     FailedSuperclassAccuracy,
     MistakeSeverity,
     QuadraticWeightedKappa,
@@ -171,6 +172,19 @@ def test_metrics_score_the_min_risk_class_when_asked(compiled):
     for metric, expected in cases:
         got = _accumulate(metric, labels, p, weights, compiled)
         assert got == pytest.approx(expected, rel=1e-5), metric.name
+
+
+def test_the_confusion_matrix_counts_the_min_risk_class_of_a_plain_matrix():
+    labels, p, weights = _data(7)
+    matrix = ordinal_reference(C, 0.6)
+    predicted = _min_risk(p, matrix)
+    metric = ConfusionMatrix(C, decode=matrix)  # a (C, C) array works too
+    metric.update_state(labels, p, sample_weight=weights)
+    expected = np.zeros((C, C))
+    np.add.at(expected, (labels, predicted), weights)
+    np.testing.assert_allclose(to_numpy(metric.result()), expected, rtol=1e-6)
+    rebuilt, _ = assert_config_round_trip(metric)
+    assert isinstance(rebuilt.decode, similarity.MatrixSimilarity)
 
 
 @pytest.mark.parametrize("compiled", COMPILED, ids=lambda c: f"compiled={c}")
