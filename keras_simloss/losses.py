@@ -248,8 +248,10 @@ def _soft_logit_loss(similarity, labels, logits, beta):
         if positions is None:
             return targets, _shifted(logits, shift), None
         picked = _shifted(ops.take_along_axis(logits, positions, axis=-1), shift)
-        total = ops.sum(logits, axis=-1) - num_classes * ops.squeeze(
-            shift[0] + shift[1], -1
+        # sum_c log p_c = sum_c (z_c - max z) - C log(sum exp(z - max z)):
+        # terms <= 0, so the sum does not cancel large logits.
+        total = ops.sum(logits - shift[0], axis=-1) - num_classes * ops.squeeze(
+            shift[1], -1
         )
         return targets, picked, total
 
