@@ -258,3 +258,22 @@ def test_configs_round_trip_and_a_compiled_model_reloads(tmp_path):
     again = reloaded.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
     for name, value in results.items():
         assert again[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def test_top_k_severity_over_the_shipped_wordnet_tree_of_cifar100():
+    from keras_simloss.datasets import cifar100_hierarchy
+
+    tree = cifar100_hierarchy()
+    sim = tree.similarity()
+    matrix = hierarchy_reference(tree.ancestors, sim.similarities)
+    labels, logits, weights = labelled_logits(9, 100, 30)
+    top = np.argsort(-logits, axis=-1, kind="stable")[:, :5]
+    distance = 1.0 - matrix[labels[:, None], top]
+    for mode, per_example in (
+        ("average", distance.mean(-1)),
+        ("best", distance.min(-1)),
+    ):
+        metric = TopKMistakeSeverity(sim, 5, mode)
+        metric.update_state(labels, logits, sample_weight=weights)
+        expected = _weighted_mean(per_example, weights)
+        assert float(to_numpy(metric.result())) == pytest.approx(expected, rel=1e-5)
