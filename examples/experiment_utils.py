@@ -93,6 +93,26 @@ def wilcoxon_p_values(records, group_key, baseline, metric, seed_key="seed"):
     return p_values
 
 
+def paired_differences(records, group_key, baseline, metric, seed_key="seed"):
+    """`metric` of each group minus the baseline's, paired by `seed_key`.
+
+    Returns `{group: array of differences in seed order}` for the groups
+    other than `baseline` (seeds the baseline lacks are left out).
+    """
+    by_group = {}
+    for record in records:
+        by_group.setdefault(record[group_key], {})[record[seed_key]] = record[metric]
+    base = by_group.get(baseline, {})
+    return {
+        group: np.array(
+            [runs[s] - base[s] for s in sorted(set(runs) & set(base))],
+            dtype=np.float64,
+        )
+        for group, runs in by_group.items()
+        if group != baseline
+    }
+
+
 def paired_p_values(records, group_key, metric, other):
     """Two-sided Wilcoxon p-value of `metric` vs `other` within each group.
 
