@@ -7,6 +7,7 @@ import pytest
 from keras_simloss import SoftLabelCrossEntropy, similarity, soft_label_cross_entropy
 from tests.similarity.cases import CASES
 from tests.testing import (
+    BACKEND,
     JIT_COMPILE,
     assert_config_round_trip,
     compile_function,
@@ -18,6 +19,9 @@ from tests.testing import (
 )
 
 EPSILON = 1e-7
+# The full grid of beta on TensorFlow; one value on the other backends, whose
+# share of the suite is the backend's numerics, not the formula's cases.
+BETAS = [0.0, 3.0, 40.0] if BACKEND == "tensorflow" else [3.0]
 
 
 def targets(matrix, labels, beta):
@@ -51,7 +55,7 @@ def _inputs(num_classes, from_logits, seed=0):
 
 @pytest.mark.parametrize("dense_table", [True, False], ids=["table", "on-the-fly"])
 @pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probs"])
-@pytest.mark.parametrize("beta", [0.0, 3.0, 40.0])
+@pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_value_and_gradient_match_numpy(case, beta, from_logits, dense_table):
     build, reference = CASES[case]
