@@ -35,6 +35,7 @@ from keras import ops
 
 from keras_simloss import _utils
 from keras_simloss import similarity as similarity_lib
+from keras_simloss.similarity.saving import SimilarityHolder
 
 __all__ = [
     "METHODS",
@@ -300,7 +301,7 @@ def decode_min_risk(y_pred, similarity, from_logits=False):
 
 
 @_utils.register
-class MinRiskDecoding(keras.layers.Layer):
+class MinRiskDecoding(SimilarityHolder, keras.layers.Layer):
     """Layer that outputs the min-risk class of its inputs (`decode_min_risk`).
 
     Append it to a trained classifier to export a model whose output is the
@@ -351,17 +352,3 @@ class MinRiskDecoding(keras.layers.Layer):
         config["similarity"] = keras.saving.serialize_keras_object(self.similarity)
         config["from_logits"] = self.from_logits
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["similarity"] = similarity_lib.get(config["similarity"])
-        return cls(**config)
-
-    def save_own_variables(self, store):
-        """Saves the similarity's large arrays (if any) into the `.keras` file."""
-        self.similarity.save_own_variables(store)
-
-    def load_own_variables(self, store):
-        """Restores the similarity's large arrays from the `.keras` file."""
-        self.similarity.load_own_variables(store)

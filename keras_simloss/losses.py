@@ -7,6 +7,7 @@ from keras import ops
 
 from keras_simloss import _backend, _utils
 from keras_simloss import similarity as similarity_lib
+from keras_simloss.similarity.saving import SimilarityHolder
 
 __all__ = ["SimLoss", "SoftLabelCrossEntropy", "sim_loss", "soft_label_cross_entropy"]
 
@@ -479,7 +480,7 @@ def soft_label_cross_entropy(y_true, y_pred, similarity, beta, from_logits=False
     )
 
 
-class _SimilarityLoss(keras.losses.Loss):
+class _SimilarityLoss(SimilarityHolder, keras.losses.Loss):
     """What the losses over a class similarity share: the dtype rule, the
     similarity's config and its arrays in the `.keras` archive."""
 
@@ -517,20 +518,6 @@ class _SimilarityLoss(keras.losses.Loss):
             }
         )
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["similarity"] = similarity_lib.get(config["similarity"])
-        return cls(**config)
-
-    def save_own_variables(self, store):
-        """Saves the similarity's large arrays (if any) into the `.keras` file."""
-        self.similarity.save_own_variables(store)
-
-    def load_own_variables(self, store):
-        """Restores the similarity's large arrays from the `.keras` file."""
-        self.similarity.load_own_variables(store)
 
 
 @_utils.register

@@ -24,6 +24,7 @@ from keras import ops
 
 from keras_simloss import _utils, decoding
 from keras_simloss import similarity as similarity_lib
+from keras_simloss.similarity.saving import SimilarityHolder
 
 __all__ = [
     "AccuracyWithinK",
@@ -433,7 +434,7 @@ class FailedSuperclassAccuracy(_SuperclassMetric):
         return ops.cast(rescued, "float32"), ops.cast(mistake, "float32"), read
 
 
-class _SimilarityMetric(_RatioMetric):
+class _SimilarityMetric(SimilarityHolder, _RatioMetric):
     """A metric over a class similarity: its config and `.keras` arrays."""
 
     _direction = "down"
@@ -447,20 +448,6 @@ class _SimilarityMetric(_RatioMetric):
         config = super().get_config()
         config["similarity"] = keras.saving.serialize_keras_object(self.similarity)
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["similarity"] = similarity_lib.get(config["similarity"])
-        return cls(**config)
-
-    def save_own_variables(self, store):
-        """Saves the similarity's large arrays (if any) into the `.keras` file."""
-        self.similarity.save_own_variables(store)
-
-    def load_own_variables(self, store):
-        """Restores the similarity's large arrays from the `.keras` file."""
-        self.similarity.load_own_variables(store)
 
 
 @_utils.register

@@ -253,3 +253,25 @@ class ArraySaving:
             )
         self._fill({name: getattr(twin, name) for name in self._array_arguments})
         return getattr(self, name)
+
+
+class SimilarityHolder:
+    """Mixin of the Keras objects (losses, metrics, layers) that hold a
+    similarity in `self.similarity`: rebuilt from its config, its large
+    arrays (if any) saved into and restored from the `.keras` archive."""
+
+    @classmethod
+    def from_config(cls, config):
+        from keras_simloss.similarity.matrix import get
+
+        config = dict(config)
+        config["similarity"] = get(config["similarity"])
+        return cls(**config)
+
+    def save_own_variables(self, store):
+        """Saves the similarity's large arrays (if any) into the `.keras` file."""
+        self.similarity.save_own_variables(store)
+
+    def load_own_variables(self, store):
+        """Restores the similarity's large arrays from the `.keras` file."""
+        self.similarity.load_own_variables(store)
