@@ -4,7 +4,6 @@ TensorFlow only: the examples' input pipelines use `tf.data` (the library
 itself is tested on every backend in the other test files).
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -27,14 +26,7 @@ import tensorflow as tf  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 
-
-def load_example(name):
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(EXAMPLES, f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.testing import load_example  # noqa: E402
 
 
 def write_jpeg(path, seed):

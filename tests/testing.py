@@ -1,5 +1,6 @@
 """Test helpers: serialization round trips and `.keras` save / reload."""
 
+import importlib.util
 import json
 import os
 
@@ -122,3 +123,18 @@ def autodiff_sim_loss(sim, labels, y_pred, from_logits=True):
     clipped = keras.ops.clip(y_pred, epsilon, 1.0 - epsilon)
     total = keras.ops.sum(clipped, axis=-1, keepdims=True)
     return -keras.ops.log(keras.ops.sum(sim.rows(labels) * clipped / total, axis=-1))
+
+
+EXAMPLES = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"
+)
+
+
+def load_example(name):
+    """The module `examples/<name>.py`, loaded from its file."""
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(EXAMPLES, f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
