@@ -10,11 +10,20 @@
 - `decode_ordinal`, `OrdinalDecoding`: argmax / median / mean read-outs of
   ordered classes (e.g. ages); `decode_min_risk`, `MinRiskDecoding`: the
   class of least expected cost under any similarity (Karthik et al., 2021).
+- `keras_simloss.sharding`: class-sharded training under
+  `keras.distribution.ModelParallel` when `C` outgrows one device.
 - `Distiller`, `SimilarityPreserving`: similarity-preserving knowledge
   distillation (Tung & Mori, 2019, https://arxiv.org/abs/1907.09682).
 """
 
-from keras_simloss import datasets, decoding, distillation, metrics, similarity
+from keras_simloss import (
+    datasets,
+    decoding,
+    distillation,
+    metrics,
+    sharding,
+    similarity,
+)
 from keras_simloss.decoding import (
     MinRiskDecoding,
     OrdinalDecoding,
@@ -70,6 +79,7 @@ __all__ = [
     "distillation",
     "logit_distillation_loss",
     "metrics",
+    "sharding",
     "sim_loss",
     "similarity",
     "similarity_preserving_loss",

@@ -30,6 +30,27 @@ __all__ = ["SimLoss", "SoftLabelCrossEntropy", "sim_loss", "soft_label_cross_ent
 # rows, the `(batch, n)` classes that count (`positions` their indices).
 
 
+def _with_gradient(similarity, forward, backward, inputs, labels):
+    """`_backend.with_gradient`, with the similarity's sharded state (see
+    `keras_simloss.sharding`) as the forward pass read it kept for the
+    backward pass: a trainer may trace the backward pass after the scope
+    that maps the state to the step's arguments has closed, and would then
+    read the variables' values as constants (whole, on every device)."""
+
+    def forward_with_state(inputs, labels):
+        value, residuals = forward(inputs, labels)
+        return value, (residuals, similarity._state_values())
+
+    def backward_with_state(inputs, labels, residuals, upstream):
+        residuals, state = residuals
+        with similarity._reading_state(state):
+            return backward(inputs, labels, residuals, upstream)
+
+    return _backend.with_gradient(
+        forward_with_state, backward_with_state, inputs, labels
+    )
+
+
 def _log_softmax_shift(logits):
     """`(max z, log(sum(exp(z - max z))))`, each `(batch, 1)`:
     `log_softmax(z) = (z - max z) - log(sum(exp(z - max z)))`.
@@ -147,7 +168,7 @@ def _logit_loss(similarity, labels, logits):
             return (softmax - q) * upstream
         return _scatter_add(softmax * upstream, positions, -q * upstream)
 
-    return _backend.with_gradient(forward, backward, logits, labels)
+    return _with_gradient(similarity, forward, backward, logits, labels)
 
 
 def _probability_loss(similarity, labels, probabilities, epsilon):
@@ -196,7 +217,7 @@ def _probability_loss(similarity, labels, probabilities, epsilon):
             return whole - part
         return _scatter_add(whole, positions, -part)
 
-    return _backend.with_gradient(forward, backward, probabilities, labels)
+    return _with_gradient(similarity, forward, backward, probabilities, labels)
 
 
 # Soft-label cross entropy ------------------------------------------------------
@@ -278,7 +299,7 @@ def _soft_logit_loss(similarity, labels, logits, beta):
             -(weights / total) * upstream,
         )
 
-    return _backend.with_gradient(forward, backward, logits, labels)
+    return _with_gradient(similarity, forward, backward, logits, labels)
 
 
 def _soft_probability_loss(similarity, labels, probabilities, epsilon, beta):
@@ -324,7 +345,7 @@ def _soft_probability_loss(similarity, labels, probabilities, epsilon, beta):
         )
         return _scatter_add(whole, positions, -part)
 
-    return _backend.with_gradient(forward, backward, probabilities, labels)
+    return _with_gradient(similarity, forward, backward, probabilities, labels)
 
 
 def check_beta(beta):

@@ -22,7 +22,7 @@ whether higher or lower is better, so Keras callbacks (`EarlyStopping`,
 import keras
 from keras import ops
 
-from keras_simloss import _utils, decoding
+from keras_simloss import _utils, decoding, sharding
 from keras_simloss import similarity as similarity_lib
 from keras_simloss.similarity.saving import SimilarityHolder
 
@@ -556,7 +556,9 @@ class TopKMistakeSeverity(_SimilarityMetric):
         self.k, self.mode = k, mode
 
     def _terms(self, labels, y_pred):
-        classes = ops.cast(ops.top_k(y_pred, self.k, sorted=True)[1], "int32")
+        # Over classes sharded by `shard_classes`: per shard, then over the
+        # candidates (no device gathers a whole row).
+        classes = ops.cast(sharding.top_k(y_pred, self.k, self.similarity)[1], "int32")
         repeated = ops.reshape(
             ops.broadcast_to(ops.expand_dims(labels, -1), ops.shape(classes)), (-1,)
         )

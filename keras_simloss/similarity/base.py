@@ -25,6 +25,8 @@ table; the default reads the `C` rows in blocks, which is right only for a
 symmetric `S`: a kind sets `symmetric = True` to use it).
 """
 
+import contextlib
+
 import numpy as np
 from keras import ops
 
@@ -263,13 +265,37 @@ class Similarity(ArraySaving):
 
     # Tensors cached for the graph ----------------------------------------------
 
+    def _class_arrays(self):
+        """The per-class arrays the tensors of `_tensor` are made from:
+        `{key: (make_array, class_axis)}`, `class_axis` the array's axis of
+        `C` classes (what `keras_simloss.sharding` splits over devices).
+        A kind adds the keys it reads with `_tensor` to these."""
+        if not self.uses_dense_table:
+            return {}
+        return {
+            "similarity_table": (lambda: self._dense_tables()[0], 0),
+            "log_similarity_table": (lambda: self._dense_tables()[1], 0),
+        }
+
     def _tensor(self, key, make_array):
         """The array `make_array()` as a tensor, made once and reused.
 
         The first call may come from inside a traced function, yet the cached
         tensor outlives that trace, so it is made outside every trace
         (`_backend.eager_tensor`); on TensorFlow it is a variable, read here.
+
+        Once `keras_simloss.sharding.shard_classes` laid the similarity's
+        arrays out over devices, they are variables of the model's state
+        (read through the trainer's state, so that a compiled step takes
+        them as sharded arguments, not as replicated constants); a backward
+        pass reads the values its forward pass read (`_reading_state`).
         """
+        reading = self.__dict__.get("_reading")
+        if reading is not None and key in reading:
+            return reading[key]
+        state = self.__dict__.get("_state")
+        if state is not None:
+            return state.read(key)
         cache = self.__dict__.setdefault("_tensors", {})
         if key not in cache:
             cache[key] = _backend.eager_tensor(key, make_array())
@@ -284,3 +310,23 @@ class Similarity(ArraySaving):
                 tables = (matrix, np.log(matrix))  # log 0 = -inf, on purpose
             self._tables = tables
         return tables
+
+    # Sharded state (see `keras_simloss.sharding`) ----------------------------
+
+    def _state_values(self):
+        """The sharded state's tensors as read now, `{key: tensor}` (empty
+        when the arrays are not sharded): a loss's forward pass keeps them
+        for its backward pass, which a trainer may trace after the scope
+        that maps the state to the step's arguments has closed."""
+        state = self.__dict__.get("_state")
+        return {} if state is None else state.values()
+
+    @contextlib.contextmanager
+    def _reading_state(self, values):
+        """Within: `_tensor` returns `values[key]` for the keys in `values`."""
+        previous = self.__dict__.get("_reading")
+        self._reading = {**(previous or {}), **values} if values else previous
+        try:
+            yield
+        finally:
+            self._reading = previous

@@ -60,6 +60,9 @@ class EmbeddingSimilarity(Similarity):
         unit /= norms[:, None]
         return unit.astype(dtype, copy=False)
 
+    def _class_arrays(self):
+        return {**super()._class_arrays(), "unit_vectors": (self.unit_vectors, 0)}
+
     def _unit_tensor(self):
         # The loss holds the unit table only (one C x d table, as before).
         return self._tensor("unit_vectors", self.unit_vectors)

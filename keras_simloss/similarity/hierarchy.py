@@ -40,6 +40,15 @@ class HierarchySimilarity(Similarity):
         self.similarities = values
         self.num_classes = levels.shape[1]
 
+    def _class_arrays(self):
+        arrays = super()._class_arrays()
+        for index, level in enumerate(self.ancestors):
+            arrays[f"ancestors_{index}"] = (
+                lambda level=level: _utils.dense_codes(level),
+                0,
+            )
+        return arrays
+
     def _ancestor_codes(self, index):
         """Level `index`'s ancestor ids as exact int32 codes (a tensor).
 

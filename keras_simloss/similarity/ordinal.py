@@ -67,6 +67,14 @@ class OrdinalSimilarity(Similarity):
         # exp(-inf) before the log.
         return distances * math.log(self.reduction_factor)
 
+    def _pairs(self, labels, classes):
+        # r ** |y - c| per example, as `_compute_rows` computes each entry,
+        # without a (batch, C) row.
+        return ops.power(
+            ops.convert_to_tensor(self.reduction_factor, "float32"),
+            ops.cast(ops.abs(labels - classes), "float32"),
+        )
+
     symmetric = True
 
     def _compute_expected(self, probabilities):

@@ -221,6 +221,7 @@ class ArraySaving:
         # independent of the original's.
         state = dict(self.__dict__)
         state.pop("_tensors", None)
+        state.pop("_reading", None)
         return state
 
     def __setstate__(self, state):

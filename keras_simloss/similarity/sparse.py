@@ -86,6 +86,23 @@ class SparseSimilarity(Similarity):
         self.values = np.where(used, values, 0.0).astype(np.float32)
         self.num_classes = num_classes
 
+    def _class_arrays(self):
+        arrays = {
+            "indices": (lambda: self.indices, 0),
+            "values": (lambda: self.values, 0),
+        }
+        if self._incoming_lists() is not None:
+            arrays["incoming"] = (lambda: self._incoming_lists()[0], 1)
+            arrays["incoming_weights"] = (lambda: self._incoming_lists()[1], 1)
+        return arrays
+
+    def _incoming_lists(self):
+        """`_incoming()`, computed once."""
+        arrays = self.__dict__.get("_incoming_arrays", False)
+        if arrays is False:
+            arrays = self._incoming_arrays = self._incoming()
+        return arrays
+
     def _neighbours(self, labels):
         indices = ops.take(
             self._tensor("indices", lambda: self.indices), labels, axis=0
@@ -135,9 +152,7 @@ class SparseSimilarity(Similarity):
         # Gathered round by round from the turned-around lists: each round
         # one gather and one multiply-add over (batch, C), fused, so
         # O(batch C rounds) work in about two (batch, C) buffers.
-        arrays = self.__dict__.get("_incoming_arrays", False)
-        if arrays is False:
-            arrays = self._incoming_arrays = self._incoming()
+        arrays = self._incoming_lists()
         if arrays is None:
             return self._scattered_expected(probabilities)
         incoming = self._tensor("incoming", lambda: arrays[0])

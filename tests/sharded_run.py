@@ -1,0 +1,234 @@
+"""Class-sharded training on simulated JAX devices, against one device.
+
+Run by `tests/test_sharding.py` in a subprocess (the device count is fixed
+when JAX starts): `python tests/sharded_run.py DEVICES`. For every kind of
+similarity and loss it trains one SGD step of a model whose output kernel is
+laid out `(None, "model")` with the similarity's state sharded, and the same
+step on one device without any distribution; it prints, as one JSON line,
+both runs' losses, metrics and gradients, the state's layouts and shard
+shapes, and every buffer shape of the compiled sharded step that has a full
+axis of `C` classes.
+"""
+
+import json
+import os
+import re
+import sys
+
+NUM_CLASSES = 4000  # divisible by 4 and 8
+BATCH = 32
+FEATURES = 8
+
+
+def main(devices):
+    os.environ["KERAS_BACKEND"] = "jax"
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    import jax
+    import keras
+    import numpy as np
+
+    import keras_simloss as ks
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(NUM_CLASSES, 6)).astype("float32")
+    offsets = rng.choice(np.arange(1, NUM_CLASSES), 4, replace=False)
+    neighbours = (np.arange(NUM_CLASSES)[:, None] + offsets[None, :]) % NUM_CLASSES
+    closeness = rng.uniform(0.1, 0.9, size=neighbours.shape).astype("float32")
+    levels = [np.arange(NUM_CLASSES) // 10, np.arange(NUM_CLASSES) // 200]
+    makers = {
+        "ordinal": lambda: ks.similarity.ordinal(NUM_CLASSES, 0.7),
+        "embeddings": lambda: ks.similarity.from_embeddings(vectors, 0.2),
+        "sparse": lambda: ks.similarity.SparseSimilarity(neighbours, closeness),
+        "hierarchy": lambda: ks.similarity.from_hierarchy(levels, [0.6, 0.3]),
+    }
+    losses = {
+        "simloss": lambda s: ks.SimLoss(s, from_logits=True),
+        "soft_labels": lambda s: ks.SoftLabelCrossEntropy(s, 4.0, from_logits=True),
+    }
+    kernel = rng.normal(size=(FEATURES, NUM_CLASSES)).astype("float32")
+    bias = rng.normal(size=(NUM_CLASSES,)).astype("float32")
+    x = rng.normal(size=(BATCH, FEATURES)).astype("float32")
+    y = rng.integers(0, NUM_CLASSES, size=(BATCH,))
+    weights = rng.uniform(0.5, 2.0, size=(BATCH,)).astype("float32")
+
+    mesh = keras.distribution.DeviceMesh(
+        (1, devices), ["batch", "model"], keras.distribution.list_devices()
+    )
+    layout_map = ks.sharding.class_layout_map(mesh, "logits")
+
+    def step(kind, loss_name, sharded):
+        keras.distribution.set_distribution(
+            keras.distribution.ModelParallel(
+                layout_map=layout_map, batch_dim_name="batch"
+            )
+            if sharded
+            else None
+        )
+        similarity = makers[kind]()
+        inputs = keras.Input((FEATURES,))
+        model = keras.Model(
+            inputs, keras.layers.Dense(NUM_CLASSES, name="logits")(inputs)
+        )
+        model.get_layer("logits").set_weights([kernel, bias])
+        result = {}
+        if sharded:
+            state = ks.sharding.shard_classes(model, similarity)
+            result["layouts"] = {k: list(v) for k, v in state.layouts.items()}
+            result["shards"] = {
+                key: [
+                    [list(shard.data.shape) for shard in value.addressable_shards],
+                    list(value.shape),
+                ]
+                for key, value in state.values().items()
+            }
+        model.compile(
+            optimizer=keras.optimizers.SGD(1.0),
+            loss=losses[loss_name](similarity),
+            metrics=[
+                ks.metrics.MistakeSeverity(similarity, name="severity"),
+                ks.metrics.TopKMistakeSeverity(similarity, k=3, name="top3"),
+            ],
+            jit_compile=True,
+        )
+        logs = model.train_on_batch(x, y, sample_weight=weights, return_dict=True)
+        result["logs"] = {k: float(v) for k, v in logs.items()}
+        # SGD with learning rate 1: the step moved the kernel by -gradient.
+        gradient = kernel - np.asarray(model.get_layer("logits").kernel.numpy())
+        result["gradient"] = gradient.ravel()[:: NUM_CLASSES // 50].tolist()
+        result["gradient_norm"] = float(np.linalg.norm(gradient))
+        evaluated = model.evaluate(x, y, verbose=0, return_dict=True)
+        result["evaluated"] = {k: float(v) for k, v in evaluated.items()}
+        logits = model.predict(x, verbose=0)
+        result["min_risk"] = ks.decode_min_risk(
+            model(x), similarity, from_logits=True
+        ).tolist()
+        if sharded:
+            result["full_class_buffers"] = full_class_buffers(model, x, y, weights)
+            path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"{kind}.keras")
+            model.save(path)
+            loaded = keras.saving.load_model(path)
+            result["reloaded_max_difference"] = float(
+                np.max(np.abs(loaded.predict(x, verbose=0) - logits))
+            )
+        return result
+
+    def full_class_buffers(model, x, y, weights):
+        distribution = keras.distribution.distribution()
+        state = tuple(
+            [v.value for v in variables]
+            for variables in (
+                model.trainable_variables,
+                model.non_trainable_variables,
+                model.optimizer.variables,
+                model.metrics_variables,
+            )
+        )
+        data = tuple(
+            jax.device_put(a, distribution.get_data_layout(a.shape).backend_layout)
+            for a in (x, y, weights)
+        )
+        text = jax.jit(model.train_step).lower(state, data).compile().as_text()
+        shapes = set(re.findall(r"[a-z]+[0-9]*\[([0-9,]+)\]", text))
+        return sorted(s for s in shapes if str(NUM_CLASSES) in s.split(","))
+
+    results = {"devices": len(jax.devices()), "runs": {}}
+    for kind in makers:
+        for loss_name in losses:
+            results["runs"][f"{kind}-{loss_name}"] = {
+                "one": step(kind, loss_name, sharded=False),
+                "sharded": step(kind, loss_name, sharded=True),
+            }
+    results["top_k"] = top_k_matches(devices)
+    results["errors"] = errors(makers, layout_map, mesh)
+    print(json.dumps(results))
+
+
+def top_k_matches(devices):
+    """Whether `sharding.top_k` over sharded classes gives `ops.top_k`'s
+    values and indices, on rows with many ties."""
+    import jax
+    import keras
+    import numpy as np
+
+    import keras_simloss as ks
+
+    rng = np.random.default_rng(1)
+    similarity = ks.similarity.ordinal(NUM_CLASSES, 0.5)
+    inputs = keras.Input((FEATURES,))
+    model = keras.Model(inputs, keras.layers.Dense(NUM_CLASSES, name="logits")(inputs))
+    ks.sharding.shard_classes(model, similarity)
+    values = rng.integers(0, 3, size=(BATCH, NUM_CLASSES)).astype("float32")
+    layout = keras.distribution.TensorLayout(
+        (None, "model"), keras.distribution.distribution().device_mesh
+    )
+    sharded = jax.device_put(values, layout.backend_layout)
+    results = {}
+    for k in (1, 7, NUM_CLASSES // devices + 3):
+        expected = keras.ops.top_k(values, k, sorted=True)
+        got = jax.jit(lambda v, k=k: ks.sharding.top_k(v, k, similarity))(sharded)
+        results[str(k)] = bool(
+            np.array_equal(np.asarray(got[0]), np.asarray(expected[0]))
+            and np.array_equal(np.asarray(got[1]), np.asarray(expected[1]))
+        )
+    return results
+
+
+def errors(makers, layout_map, mesh):
+    """The message of each input `shard_classes` refuses."""
+    import keras
+
+    import keras_simloss as ks
+
+    def model_of(num_classes, layouts):
+        keras.distribution.set_distribution(
+            keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="batch")
+        )
+        inputs = keras.Input((FEATURES,))
+        return keras.Model(
+            inputs, keras.layers.Dense(num_classes, name="logits")(inputs)
+        )
+
+    other = keras.distribution.LayoutMap(mesh)
+    other["logits/kernel"] = (None, "batch")
+    cases = {
+        "indivisible": lambda: ks.sharding.shard_classes(
+            model_of(NUM_CLASSES + 2, keras.distribution.LayoutMap(mesh)),
+            ks.similarity.ordinal(NUM_CLASSES + 2, 0.5),
+        ),
+        "batch_axis": lambda: ks.sharding.shard_classes(
+            model_of(NUM_CLASSES, layout_map), makers["ordinal"](), axis="batch"
+        ),
+        "unknown_axis": lambda: ks.sharding.shard_classes(
+            model_of(NUM_CLASSES, layout_map), makers["ordinal"](), axis="classes"
+        ),
+        "other_axis": lambda: ks.sharding.shard_classes(
+            model_of(NUM_CLASSES, other), makers["ordinal"]()
+        ),
+        "not_sharded": lambda: ks.sharding.shard_classes(
+            model_of(NUM_CLASSES, keras.distribution.LayoutMap(mesh)),
+            makers["ordinal"](),
+        ),
+        "twice": lambda: [
+            ks.sharding.shard_classes(model_of(NUM_CLASSES, layout_map), s)
+            for s in [makers["ordinal"]()] * 2
+        ],
+    }
+
+    def without_distribution():
+        model = model_of(NUM_CLASSES, layout_map)
+        keras.distribution.set_distribution(None)
+        ks.sharding.shard_classes(model, makers["ordinal"]())
+
+    cases["no_distribution"] = without_distribution
+    messages = {}
+    for name, case in cases.items():
+        try:
+            case()
+            messages[name] = None
+        except ValueError as error:
+            messages[name] = str(error)
+    return messages
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))

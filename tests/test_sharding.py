@@ -1,0 +1,163 @@
+"""Class-sharded training (`keras_simloss.sharding`) on simulated JAX devices.
+
+The multi-device checks run `tests/sharded_run.py` in a subprocess (JAX fixes
+its device count when it starts) and compare each sharded step with the same
+step on one device without a distribution.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import keras_simloss as ks
+from tests.testing import BACKEND
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICE_COUNTS = (4, 8)
+KINDS = ("ordinal", "embeddings", "sparse", "hierarchy")
+LOSSES = ("simloss", "soft_labels")
+
+jax_only = pytest.mark.skipif(
+    BACKEND != "jax", reason="keras.distribution.ModelParallel runs on JAX"
+)
+
+
+@functools.cache
+def _sharded_run(devices):
+    completed = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "tests", "sharded_run.py"), str(devices)],
+        capture_output=True,
+        text=True,
+        timeout=480,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO_ROOT),
+        cwd=REPO_ROOT,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _runs(devices):
+    results = _sharded_run(devices)
+    assert results["devices"] == devices
+    assert sorted(results["runs"]) == sorted(f"{k}-{loss}" for k in KINDS for loss in LOSSES)
+    return results["runs"]
+
+
+@pytest.mark.large
+@jax_only
+@pytest.mark.parametrize("devices", DEVICE_COUNTS)
+def test_sharded_step_gives_the_one_device_numbers(devices):
+    for name, run in _runs(devices).items():
+        one, sharded = run["one"], run["sharded"]
+        for part in ("logs", "evaluated"):
+            assert sorted(sharded[part]) == sorted(one[part]) == [
+                "loss",
+                "severity",
+                "top3",
+            ], (name, part)
+            for key, value in one[part].items():
+                assert sharded[part][key] == pytest.approx(value, rel=1e-5), (
+                    name,
+                    part,
+                    key,
+                )
+        # The step moved the kernel by -gradient (SGD, learning rate 1).
+        assert one["gradient_norm"] > 0.1, name
+        np.testing.assert_allclose(
+            sharded["gradient"], one["gradient"], rtol=1e-5, atol=1e-7, err_msg=name
+        )
+        assert sharded["gradient_norm"] == pytest.approx(one["gradient_norm"], rel=1e-5)
+        assert sharded["min_risk"] == one["min_risk"], name
+        assert sharded["reloaded_max_difference"] == 0.0, name
+
+
+@pytest.mark.large
+@jax_only
+@pytest.mark.parametrize("devices", DEVICE_COUNTS)
+def test_state_is_sharded_and_no_buffer_holds_every_class(devices):
+    expected_keys = {
+        "ordinal": set(),
+        "embeddings": {"unit_vectors"},
+        "sparse": {"indices", "values", "incoming", "incoming_weights"},
+        "hierarchy": {"ancestors_0", "ancestors_1"},
+    }
+    for name, run in _runs(devices).items():
+        sharded = run["sharded"]
+        kind = name.split("-")[0]
+        assert set(sharded["layouts"]) == expected_keys[kind], name
+        for key, layout in sharded["layouts"].items():
+            assert layout.count("model") == 1, (name, key, layout)
+            class_axis = layout.index("model")
+            shards, shape = sharded["shards"][key]
+            assert shape[class_axis] == 4000, (name, key, shape)
+            assert len(shards) == devices
+            for shard in shards:
+                part = list(shape)
+                part[class_axis] //= devices
+                assert shard == part, (name, key, shard)
+        # Every buffer of the compiled step (forward, backward, metrics,
+        # optimizer) has at most C / n of the classes.
+        assert sharded["full_class_buffers"] == [], name
+
+
+@pytest.mark.large
+@jax_only
+def test_sharded_top_k_equals_top_k_on_tied_rows():
+    assert _sharded_run(4)["top_k"] == {"1": True, "7": True, "1003": True}
+
+
+@pytest.mark.large
+@jax_only
+def test_bad_layouts_are_refused_naming_both_sides():
+    messages = _sharded_run(4)["errors"]
+    expected = {
+        "indivisible": ["size 4", "num_classes=4002", "4002 % 4 = 2"],
+        "batch_axis": ["axis='batch'", "batch_dim_name='batch'"],
+        "unknown_axis": ["['batch', 'model']", "axis='classes'"],
+        "other_axis": ["'model'", "'logits/kernel'", "(None, 'batch')"],
+        "not_sharded": ["'model'", "'logits/kernel'", "(None, None)"],
+        "twice": ["already sharded"],
+        "no_distribution": ["keras.distribution.distribution()=None"],
+    }
+    assert sorted(messages) == sorted(expected)
+    for case, parts in expected.items():
+        assert messages[case] is not None, f"{case}: no error"
+        for part in parts:
+            assert part in messages[case], (case, messages[case])
+
+
+@pytest.mark.skipif(BACKEND == "jax", reason="the JAX backend has ModelParallel")
+def test_other_backends_are_told_that_model_parallelism_needs_jax():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(4)(inputs))
+    with pytest.raises(ValueError, match=f"keras.config.backend\\(\\)='{BACKEND}'"):
+        ks.sharding.shard_classes(model, ks.similarity.ordinal(4, 0.5))
+
+
+def test_top_k_of_an_unsharded_similarity_is_top_k():
+    values = np.random.default_rng(0).integers(0, 3, size=(5, 12)).astype("float32")
+    got = ks.sharding.top_k(values, 4, ks.similarity.ordinal(12, 0.5))
+    expected = keras.ops.top_k(values, 4, sorted=True)
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(expected[1]))
+
+
+def test_class_layout_map_shards_kernel_and_bias():
+    mesh = keras.distribution.DeviceMesh((1,), ["model"], ["cpu:0"])
+    layout_map = ks.sharding.class_layout_map(mesh, "logits")
+    assert layout_map["logits/kernel"].axes == (None, "model")
+    assert layout_map["logits/bias"].axes == ("model",)
+    with pytest.raises(ValueError, match=r"\['model'\]. Received: axis='classes'"):
+        ks.sharding.class_layout_map(mesh, "logits", axis="classes")
+
+
+def test_shard_classes_needs_a_similarity():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(4)(inputs))
+    with pytest.raises(TypeError, match="Received: str"):
+        ks.sharding.shard_classes(model, "ordinal")
