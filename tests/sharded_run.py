@@ -1,8 +1,9 @@
 """Class-sharded training on simulated JAX devices, against one device.
 
 Run by `tests/test_sharding.py` in a subprocess (the device count is fixed
-when JAX starts): `python tests/sharded_run.py DEVICES`. For every kind of
-similarity and loss it trains one SGD step of a model whose output kernel is
+when JAX starts): `python tests/sharded_run.py DEVICES [LOSS ...]`. For
+every kind of similarity and loss (default both: `simloss soft_labels`) it
+trains one SGD step of a model whose output kernel is
 laid out `(None, "model")` with the similarity's state sharded, and the same
 step on one device without any distribution; it prints, as one JSON line,
 both runs' losses, metrics and gradients, the state's layouts and shard
@@ -20,7 +21,7 @@ BATCH = 32
 FEATURES = 8
 
 
-def main(devices):
+def main(devices, loss_names):
     os.environ["KERAS_BACKEND"] = "jax"
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     import jax
@@ -133,7 +134,7 @@ def main(devices):
 
     results = {"devices": len(jax.devices()), "runs": {}}
     for kind in makers:
-        for loss_name in losses:
+        for loss_name in loss_names:
             results["runs"][f"{kind}-{loss_name}"] = {
                 "one": step(kind, loss_name, sharded=False),
                 "sharded": step(kind, loss_name, sharded=True),
@@ -231,4 +232,4 @@ def errors(makers, layout_map, mesh):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main(int(sys.argv[1]), sys.argv[2:] or ["simloss", "soft_labels"])

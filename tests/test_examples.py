@@ -26,7 +26,7 @@ import tensorflow as tf  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 
-from tests.testing import load_example  # noqa: E402
+from tests.testing import load_example, readme_snippets  # noqa: E402
 
 
 def write_jpeg(path, seed):
@@ -273,12 +273,6 @@ def test_output_is_only_the_examples_own(tmp_path):
 
 # The README's Python snippets, each run as written in a fresh namespace, in
 # a folder holding stand-ins for the files they name.
-
-
-def readme_snippets():
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
-        text = handle.read()
-    return re.findall(r"^```python\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
 
 
 def _write_stand_ins(folder):

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 
 import keras_simloss as ks
-from tests.testing import BACKEND
+from tests.testing import BACKEND, readme_snippets
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE_COUNTS = (4, 8)
 KINDS = ("ordinal", "embeddings", "sparse", "hierarchy")
-LOSSES = ("simloss", "soft_labels")
+# Both losses on 4 devices; SimLoss alone on 8 (the same code, more shards).
+LOSSES = {4: ("simloss", "soft_labels"), 8: ("simloss",)}
 
 jax_only = pytest.mark.skipif(
     BACKEND != "jax", reason="keras.distribution.ModelParallel runs on JAX"
@@ -31,7 +32,11 @@ jax_only = pytest.mark.skipif(
 @functools.cache
 def _sharded_run(devices):
     completed = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "tests", "sharded_run.py"), str(devices)],
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "tests", "sharded_run.py"),
+            str(devices),
+        ],
         capture_output=True,
         text=True,
         timeout=480,
@@ -45,7 +50,9 @@ def _sharded_run(devices):
 def _runs(devices):
     results = _sharded_run(devices)
     assert results["devices"] == devices
-    assert sorted(results["runs"]) == sorted(f"{k}-{loss}" for k in KINDS for loss in LOSSES)
+    assert sorted(results["runs"]) == sorted(
+        f"{k}-{loss}" for k in KINDS for loss in LOSSES
+    )
     return results["runs"]
 
 
@@ -56,11 +63,15 @@ def test_sharded_step_gives_the_one_device_numbers(devices):
     for name, run in _runs(devices).items():
         one, sharded = run["one"], run["sharded"]
         for part in ("logs", "evaluated"):
-            assert sorted(sharded[part]) == sorted(one[part]) == [
-                "loss",
-                "severity",
-                "top3",
-            ], (name, part)
+            assert (
+                sorted(sharded[part])
+                == sorted(one[part])
+                == [
+                    "loss",
+                    "severity",
+                    "top3",
+                ]
+            ), (name, part)
             for key, value in one[part].items():
                 assert sharded[part][key] == pytest.approx(value, rel=1e-5), (
                     name,
@@ -161,3 +172,23 @@ def test_shard_classes_needs_a_similarity():
     model = keras.Model(inputs, keras.layers.Dense(4)(inputs))
     with pytest.raises(TypeError, match="Received: str"):
         ks.sharding.shard_classes(model, "ordinal")
+
+
+@pytest.mark.large
+@jax_only
+def test_readme_sharding_script_runs_as_written(tmp_path):
+    (script,) = readme_snippets(scripts=True)
+    completed = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=480,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO_ROOT),
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "{'unit_vectors': ('model', None)}" in completed.stdout
+    assert (
+        "top_k_mistake" in completed.stdout
+        or "mistake_severity_at_5" in completed.stdout
+    )

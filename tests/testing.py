@@ -3,9 +3,12 @@
 import importlib.util
 import json
 import os
+import re
 
 import keras
 import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def assert_config_round_trip(obj):
@@ -138,3 +141,16 @@ def load_example(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# A snippet that starts with this line sets up its own backend and devices,
+# so it runs in a process of its own (`tests/test_sharding.py`), not in
+# `tests/test_examples.py`'s namespace.
+SCRIPT_OF_ITS_OWN = "# A script of its own"
+
+
+def readme_snippets(scripts=False):
+    with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as handle:
+        text = handle.read()
+    snippets = re.findall(r"^```python\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    return [s for s in snippets if s.startswith(SCRIPT_OF_ITS_OWN) == scripts]

@@ -25,7 +25,7 @@ _RESCORE_ENTRIES = 1 << 21
 _PREFIX = 256
 
 
-def top_k(similarity, k, batch_size=None):
+def top_k(similarity, k, batch_size=None, on_device=False):
     """Keeps the `k` most similar other classes of each class.
 
     Builds a `SparseSimilarity` from any similarity (a `Similarity` or a dense
@@ -49,11 +49,23 @@ def top_k(similarity, k, batch_size=None):
     settled so is searched whole, in float64 for embeddings (the float64 unit
     vectors, `C x d`, are then kept while `top_k` runs).
 
+    With `on_device=True`, for `from_embeddings`, the active Keras backend
+    does the bulk of the work on its default device (a GPU where there is
+    one): each block's float32 product and a partial selection of its top
+    `k + 8` classes; only those come back to the host, where the rows are
+    settled as above (float64 rescoring near the cut). A row whose `k + 8`
+    candidates do not reach below the rounding margin of its `k`-th value
+    (ties spread over the row) is searched by the NumPy path. The result is
+    the same, entry for entry. Other kinds take the NumPy path.
+
     Args:
         similarity: a `Similarity` or an array-like `(C, C)`.
         k: int >= 1, neighbours kept per class.
         batch_size: rows computed at a time, an int >= 1. Defaults to `None`:
             blocks of about 16M entries (64 MiB of float32).
+        on_device: bool, default `False`: whether the block products and the
+            partial selection of embeddings run on the Keras backend's device
+            rather than in NumPy.
 
     Returns:
         A `SparseSimilarity` with `O(C * k)` state.
@@ -79,10 +91,14 @@ def top_k(similarity, k, batch_size=None):
     # never displaces a class of positive similarity, and is never kept).
     padded = -(-num_classes // _CHUNK) * _CHUNK
     scores = None  # the rows' values are exact
+    on_device = _utils.check_bool("on_device", on_device)
     if isinstance(source, EmbeddingSimilarity):
         unit = np.zeros((padded, source.vectors.shape[1]), np.float32)
         unit[:num_classes] = source.unit_vectors()
         scores = _Float64Cosines(source)
+        if on_device:
+            _device_top_k(source, unit, scores, k, batch_size, indices, values)
+            return checked(SparseSimilarity(indices, values))
     for start in range(0, num_classes, batch_size):
         classes = np.arange(start, min(start + batch_size, num_classes))
         if scores is None:
@@ -95,6 +111,48 @@ def top_k(similarity, k, batch_size=None):
         del block  # before the next one is made: one block at a time
         _keep_top_k(row, column, value, classes, k, indices, values)
     return checked(SparseSimilarity(indices, values))
+
+
+def _device_top_k(source, unit, scores, k, batch_size, indices, values):
+    """`top_k` of embeddings with the block products and a partial selection
+    on the Keras backend's device (see `top_k`); fills `indices`/`values`."""
+    from keras import ops
+
+    num_classes = source.num_classes
+    count = min(num_classes, k + 8)  # candidates per row from the device
+    table = ops.convert_to_tensor(unit[:num_classes])
+    columns = ops.arange(num_classes, dtype="int32")
+
+    def block_top(rows):
+        cosine = ops.matmul(ops.take(table, rows, axis=0), ops.transpose(table))
+        own = ops.expand_dims(rows, -1) == ops.expand_dims(columns, 0)
+        cosine = ops.where(own, float("-inf"), cosine)  # never the class itself
+        return ops.top_k(cosine, count, sorted=True)
+
+    for start in range(0, num_classes, batch_size):
+        classes = np.arange(start, min(start + batch_size, num_classes))
+        top, column = block_top(ops.convert_to_tensor(classes.astype(np.int32)))
+        top = ops.convert_to_numpy(top).astype(np.float64)
+        column = ops.convert_to_numpy(column).astype(np.int64)
+        # Every class whose exact value can reach the k-th largest has a
+        # float32 cosine of at least kth - margin (see `_Float64Cosines`).
+        floor = top[:, k - 1] - scores.margin
+        sure = (top[:, -1] < floor) | (count == num_classes)
+        band = (top >= floor[:, None]) & sure[:, None]
+        row, position = np.nonzero(band)
+        column = column[row, position]
+        value = scores.rescore(classes[row], column)
+        keep = value > 0
+        found = [(row[keep], column[keep], value[keep])]
+        unsure = np.flatnonzero(~sure)
+        if len(unsure):
+            # Ties spread over the row: the NumPy path's search, on these
+            # rows' float32 block.
+            block = unit[classes[unsure]] @ unit.T
+            part = _candidates(block, classes[unsure], k, num_classes, scores)
+            found.append((unsure[part[0]], part[1], part[2]))
+        row, column, value = (np.concatenate(parts) for parts in zip(*found))
+        _keep_top_k(row, column, value, classes, k, indices, values)
 
 
 def _candidates(block, classes, k, num_classes, scores):

@@ -192,3 +192,41 @@ def test_top_k_ties_go_to_the_smaller_index():
 def test_top_k_rejects_a_k_of_another_type_with_a_type_error(k):
     with pytest.raises(TypeError, match=r"`k`.*Expected an int"):
         similarity.top_k(similarity.ordinal(4, 0.5), k=k)
+
+
+_DEVICE_CASES = {
+    "embeddings-C2000": (lambda: TOP_K_CASES["embeddings-C2000"](), 0),
+    "embeddings-C2000-l0.3": (lambda: TOP_K_CASES["embeddings-C2000-l0.3"](), 0),
+    "embeddings-ties": (lambda: TOP_K_CASES["embeddings-ties"](), 1),
+    "duplicated-and-parallel": (HEAVILY_TIED_CASES["duplicated-and-parallel"][0], 1),
+    "one-hot-groups-below-k": (HEAVILY_TIED_CASES["one-hot-groups-below-k"][0], 1),
+    "few-classes": (lambda: similarity.from_embeddings(random_vectors(9, 3, 1)), 0),
+}
+
+
+@pytest.mark.parametrize("case", list(_DEVICE_CASES), ids=list(_DEVICE_CASES))
+def test_top_k_on_device_equals_the_full_sort(case, monkeypatch):
+    build, tied = _DEVICE_CASES[case]
+    sim = build()
+    module = importlib.import_module("keras_simloss.similarity.top_k")
+    searched = []
+    candidates = module._candidates
+
+    def spied_candidates(block, *args):
+        searched.append(len(block))
+        return candidates(block, *args)
+
+    monkeypatch.setattr(module, "_candidates", spied_candidates)
+    for k in sorted({1, min(10, sim.num_classes - 1)}):
+        expected = _top_k_reference(sim, k)
+        result = similarity.top_k(sim, k, batch_size=333, on_device=True)
+        np.testing.assert_array_equal(result.indices, expected.indices)
+        np.testing.assert_array_equal(result.values, expected.values)
+    # Rows of ties spread over the row fall back to the NumPy search; the
+    # others are settled from the device's candidates alone.
+    assert bool(searched) == bool(tied), searched
+
+
+def test_top_k_on_device_must_be_a_bool():
+    with pytest.raises(TypeError, match="on_device"):
+        similarity.top_k(similarity.ordinal(4, 0.5), k=1, on_device="yes")
