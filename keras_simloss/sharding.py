@@ -4,7 +4,7 @@ When `C` outgrows one device, `keras.distribution.ModelParallel` can lay the
 output layer's kernel out as `(None, "model")`: each device then holds `C / n`
 columns and computes `C / n` logits, and XLA's partitioner (GSPMD) turns the
 loss's sums over classes into local sums plus an all-reduce. Two helpers make
-SimLoss, soft labels, the metrics and min-risk decoding train that way:
+SimLoss, soft labels and the similarity metrics train that way:
 
 - `class_layout_map`: the `LayoutMap` entries that shard an output layer's
   kernel and bias over a mesh axis;
@@ -23,11 +23,11 @@ Example, on 4 simulated CPU devices (JAX; set
 import keras
 import keras_simloss as ks
 
-mesh = keras.distribution.DeviceMesh((4,), ["model"])
+mesh = keras.distribution.DeviceMesh((1, 4), ["batch", "model"])
 keras.distribution.set_distribution(
     keras.distribution.ModelParallel(
         layout_map=ks.sharding.class_layout_map(mesh, "logits"),
-        batch_dim_name=None,
+        batch_dim_name="batch",
     )
 )
 similarity = ks.similarity.from_embeddings(vectors)  # (C, d)
@@ -40,6 +40,9 @@ model.compile("adam", loss=ks.SimLoss(similarity, from_logits=True))
 What stays whole: the labels, and per example a few numbers (`(batch,)`)
 and the gathered rows of the state (`(batch, d)` embedding rows, `(batch, k)`
 neighbour lists). `benchmarks/class_sharding.py` measures per-device memory.
+Min-risk decoding (except over a hierarchy) and the ordinal median read-out
+give the same numbers on sharded logits, but XLA gathers whole rows for
+them.
 """
 
 import keras

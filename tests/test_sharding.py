@@ -36,6 +36,7 @@ def _sharded_run(devices):
             sys.executable,
             os.path.join(REPO_ROOT, "tests", "sharded_run.py"),
             str(devices),
+            *LOSSES[devices],
         ],
         capture_output=True,
         text=True,
@@ -51,7 +52,7 @@ def _runs(devices):
     results = _sharded_run(devices)
     assert results["devices"] == devices
     assert sorted(results["runs"]) == sorted(
-        f"{k}-{loss}" for k in KINDS for loss in LOSSES
+        f"{k}-{loss}" for k in KINDS for loss in LOSSES[devices]
     )
     return results["runs"]
 
