@@ -29,23 +29,25 @@ jax_only = pytest.mark.skipif(
 )
 
 
-@functools.cache
-def _sharded_run(devices):
+def _python(arguments, cwd=REPO_ROOT):
+    """Runs `python *arguments` with this checkout importable; its stdout."""
     completed = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO_ROOT, "tests", "sharded_run.py"),
-            str(devices),
-            *LOSSES[devices],
-        ],
+        [sys.executable, *arguments],
         capture_output=True,
         text=True,
         timeout=480,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO_ROOT),
-        cwd=REPO_ROOT,
+        cwd=cwd,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return completed.stdout
+
+
+@functools.cache
+def _sharded_run(devices):
+    script = os.path.join(REPO_ROOT, "tests", "sharded_run.py")
+    output = _python([script, str(devices), *LOSSES[devices]])
+    return json.loads(output.strip().splitlines()[-1])
 
 
 def _runs(devices):
@@ -179,17 +181,6 @@ def test_shard_classes_needs_a_similarity():
 @jax_only
 def test_readme_sharding_script_runs_as_written(tmp_path):
     (script,) = readme_snippets(scripts=True)
-    completed = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=480,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO_ROOT),
-        cwd=tmp_path,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "{'unit_vectors': ('model', None)}" in completed.stdout
-    assert (
-        "top_k_mistake" in completed.stdout
-        or "mistake_severity_at_5" in completed.stdout
-    )
+    output = _python(["-c", script], cwd=tmp_path)
+    assert "{'unit_vectors': ('model', None)}" in output
+    assert "mistake_severity_at_5" in output
