@@ -23,6 +23,7 @@ and prints, per device, from XLA's memory analysis of the compiled program:
 
     python benchmarks/class_sharding.py                      # C = 1,000,000
     python benchmarks/class_sharding.py --classes 10000000 --no-time
+    python benchmarks/class_sharding.py --read-outs          # memory only
 
 The device count is fixed when JAX starts: the script sets
 `XLA_FLAGS=--xla_force_host_platform_device_count` to the largest of
@@ -49,6 +50,12 @@ def parse():
     parser.add_argument("--devices", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-time", action="store_true", help="memory only")
+    parser.add_argument(
+        "--read-outs",
+        action="store_true",
+        help="instead of train steps: the memory of the compiled median and "
+        "min-risk read-outs of (batch, C) logits (compiled, not run)",
+    )
     parser.add_argument(
         "--kinds",
         nargs="+",
@@ -194,7 +201,70 @@ def measure(kind, devices, shard_state=True):
     return row
 
 
+def measure_read_out(kind, devices):
+    """Memory figures of one read-out, compiled for abstract logits."""
+    num_classes = ARGS.classes
+    spec = jax.ShapeDtypeStruct((ARGS.batch, num_classes), "float32")
+    values = {}
+    if kind == "median":
+        similarity = None
+    else:
+        similarity = make_similarity(kind, num_classes)
+    if devices == 1:
+        keras.distribution.set_distribution(None)
+    else:
+        mesh = keras.distribution.DeviceMesh(
+            (1, devices),
+            ["batch", "model"],
+            keras.distribution.list_devices()[:devices],
+        )
+        keras.distribution.set_distribution(
+            keras.distribution.ModelParallel(
+                layout_map=ks.sharding.class_layout_map(mesh, "logits"),
+                batch_dim_name="batch",
+            )
+        )
+        layout = keras.distribution.TensorLayout((None, "model"), mesh)
+        spec = jax.ShapeDtypeStruct(
+            spec.shape, spec.dtype, sharding=layout.backend_layout
+        )
+        if similarity is not None:
+            inputs = keras.Input((ARGS.features,))
+            model = keras.Model(
+                inputs, keras.layers.Dense(num_classes, name="logits")(inputs)
+            )
+            values = ks.sharding.shard_classes(model, similarity).values()
+
+    def read_out(logits, values):
+        if similarity is None:
+            return ks.decode_ordinal(logits, "median", from_logits=True)
+        # As inside a trainer's step: the state's arrays are arguments.
+        with similarity._reading_state(values):
+            return ks.decode_min_risk(logits, similarity, from_logits=True)
+
+    compiled = jax.jit(read_out).lower(spec, values).compile()
+    analysis = compiled.memory_analysis()
+    peak = (
+        analysis.argument_size_in_bytes
+        + analysis.temp_size_in_bytes
+        + analysis.output_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
+    largest, shape, full, constants = buffers(compiled.as_text(), num_classes)
+    keras.distribution.set_distribution(None)
+    return {
+        "peak": peak,
+        "largest": largest,
+        "shape": shape,
+        "full": full,
+        "constants": constants,
+        "times": [],
+    }
+
+
 def main():
+    if ARGS.read_outs:
+        return main_read_outs()
     kinds = ["scce", *ARGS.kinds]
     batch_by_class = ARGS.batch * ARGS.classes * 4
     print(
@@ -222,8 +292,29 @@ def main():
             print(format_row(name, devices, row, results), flush=True)
 
 
-def format_row(name, devices, row, results):
-    one = results.get((name.split(",")[0], 1))
+def main_read_outs():
+    print(
+        f"C = {ARGS.classes:,}, batch {ARGS.batch}: read-outs of (batch, C) "
+        f"logits; embeddings d = {ARGS.dim}, neighbour lists k = {ARGS.k}",
+        flush=True,
+    )
+    header = (
+        f"{'read-out':<28} {'n':>2} {'peak':>7} {'consts':>6} {'held':>7} "
+        f"{'n x held/one':>12} {'largest buffer':>22} {'full C':>6}"
+    )
+    print(header)
+    print("-" * len(header), flush=True)
+    results = {}
+    for devices in ARGS.devices:
+        for kind in ["median", *ARGS.kinds]:
+            name = "median" if kind == "median" else f"min-risk, {kind}"
+            row = measure_read_out(kind, devices)
+            results[name, devices] = row
+            print(format_row(name, devices, row, results, key=name)[:-10], flush=True)
+
+
+def format_row(name, devices, row, results, key=None):
+    one = results.get((key or name.split(",")[0], 1))
     held = row["peak"] + row["constants"]
     ratio = (
         f"{devices * held / (one['peak'] + one['constants']):.2f}"
@@ -245,6 +336,13 @@ def format_row(name, devices, row, results):
 
 
 def footer():
+    if ARGS.read_outs:
+        print(
+            "MiB per device. peak: XLA's memory analysis of the compiled "
+            "read-out (the logits, the state's arrays, temporaries, output); "
+            "consts: embedded constants; held = peak + consts."
+        )
+        return
     print(
         "MiB per device. peak: XLA's memory analysis (arguments, temporaries, "
         "unaliased outputs); consts: embedded constants, whole on every "

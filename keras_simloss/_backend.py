@@ -7,7 +7,8 @@ Everything else in the package is written with `keras.ops`. What is here:
 - a gradient defined in closed form with exactly the residuals given
   (`with_gradient`);
 - data-parallel replica and device counts (`num_replicas`,
-  `data_parallel_shards`);
+  `data_parallel_shards`), and the blocks of a class axis that a
+  distribution may shard (`class_blocks`);
 - a workaround for Keras's multi-worker TensorFlow trainer
   (`multi_worker`, `build_from_local_batch`);
 - whether Keras is writing a legacy `.h5` file (`saving_legacy_h5`).
@@ -197,6 +198,33 @@ def data_parallel_shards():
     if batch_axis not in mesh.axis_names:
         return 1
     return int(mesh.shape[list(mesh.axis_names).index(batch_axis)])
+
+
+def class_blocks(num_classes):
+    """Blocks of the class axis a computation along it should keep apart.
+
+    Under a `keras.distribution` on JAX whose mesh has axes besides the
+    batch axis (`ModelParallel`, where `keras_simloss.sharding` lays the
+    classes out), the product `n` of those axes' sizes when it divides
+    `num_classes`, else 1. A scan over the classes cut into `n` equal blocks
+    (a reshape to `(..., n, C / n)`, a scan within each block, and a scan of
+    the `n` block totals) keeps each block on the device that holds it,
+    where XLA's partitioner would gather a whole sharded row for one scan
+    over all `C`. Whether the classes are sharded at all does not matter for
+    the numbers: the blocked scan gives the same ones.
+    """
+    if backend() != "jax":
+        return 1
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return 1
+    mesh = distribution.device_mesh
+    batch_axis = getattr(distribution, "batch_dim_name", None)
+    blocks = 1
+    for name, size in zip(mesh.axis_names, mesh.shape):
+        if name != batch_axis:
+            blocks *= int(size)
+    return blocks if blocks > 1 and num_classes % blocks == 0 else 1
 
 
 def all_gather_replicas(features):

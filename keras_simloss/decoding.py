@@ -33,7 +33,7 @@ References:
 import keras
 from keras import ops
 
-from keras_simloss import _utils
+from keras_simloss import _backend, _utils
 from keras_simloss import similarity as similarity_lib
 from keras_simloss.similarity.saving import SimilarityHolder
 
@@ -92,11 +92,10 @@ def _decode(y_pred, method, class_values, from_logits):
             )
             mean = ops.sum(probabilities * values, axis=-1) / total
             return _utils.nan_where_invalid(mean, valid)
-        cumulative = ops.cumsum(probabilities, axis=-1)
         # The cumulative sum only grows, so the number of classes still
         # below half the mass is the index of the first one that reaches it.
-        below = cumulative < 0.5 * ops.expand_dims(total, -1)
-        index = ops.minimum(ops.sum(ops.cast(below, "int32"), axis=-1), num_classes - 1)
+        below = _count_below(probabilities, 0.5 * total, num_classes)
+        index = ops.minimum(below, num_classes - 1)
     index = ops.cast(index, "int32")
     if class_values is None:
         value = ops.cast(index, "float32")
@@ -105,6 +104,31 @@ def _decode(y_pred, method, class_values, from_logits):
     # A row that cannot be read (a NaN; see `_utils.readable_rows`) is never
     # read as a class.
     return _utils.nan_where_invalid(value, valid)
+
+
+def _count_below(probabilities, level, num_classes):
+    """How many cumulative sums `p_1 + ... + p_m` of each row are below
+    `level`, int32 of shape `probabilities.shape[:-1]`."""
+    blocks = _backend.class_blocks(num_classes)
+    if blocks == 1:
+        cumulative = ops.cumsum(probabilities, axis=-1)
+        return ops.sum(ops.cast(cumulative < ops.expand_dims(level, -1), "int32"), -1)
+    # Classes sharded over devices (`keras_simloss.sharding`): XLA would
+    # gather whole rows for one scan over all classes. Written as local work
+    # plus a small scan instead: each block (a device's classes) scans its
+    # own, and adds the mass of the blocks before it, a scan over `(..., n)`
+    # block totals; the count is a local sum plus an all-reduce.
+    cut = ops.reshape(
+        probabilities, tuple(probabilities.shape[:-1]) + (blocks, num_classes // blocks)
+    )
+    within = ops.cumsum(cut, axis=-1)
+    totals = within[..., -1]
+    before = ops.concatenate(
+        [ops.zeros_like(totals[..., :1]), ops.cumsum(totals, axis=-1)[..., :-1]], -1
+    )
+    cumulative = within + ops.expand_dims(before, -1)
+    below = cumulative < ops.expand_dims(ops.expand_dims(level, -1), -1)
+    return ops.sum(ops.cast(below, "int32"), axis=(-2, -1))
 
 
 def decode_ordinal(y_pred, method="argmax", class_values=None, from_logits=False):
@@ -120,7 +144,11 @@ def decode_ordinal(y_pred, method="argmax", class_values=None, from_logits=False
 
     Computed in float32 with `keras.ops`, so it runs on TensorFlow, JAX and
     PyTorch and inside XLA. For `"median"` and `"mean"` the probabilities
-    are divided by their sum (1 up to rounding).
+    are divided by their sum (1 up to rounding). The median's cumulative sum
+    is float32: where it lies within its rounding of one half (about `1e-5`
+    over thousands of classes of similar probability), the read-out may be
+    the next class. With the classes sharded over devices
+    (`keras_simloss.sharding`) each device scans its own classes.
 
     A row that cannot be read gives NaN, never a class: a row holding a NaN
     (a diverged model), and for `"median"` and `"mean"` a row without mass

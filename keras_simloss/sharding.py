@@ -40,9 +40,15 @@ model.compile("adam", loss=ks.SimLoss(similarity, from_logits=True))
 What stays whole: the labels, and per example a few numbers (`(batch,)`)
 and the gathered rows of the state (`(batch, d)` embedding rows, `(batch, k)`
 neighbour lists). `benchmarks/class_sharding.py` measures per-device memory.
-Min-risk decoding (except over a hierarchy) and the ordinal median read-out
-give the same numbers on sharded logits, but XLA gathers whole rows for
-them.
+
+The read-outs stay sharded too: the ordinal median scans each device's
+classes and adds the mass before them (`_backend.class_blocks`); min-risk
+decoding's `p @ S` is blocked along the devices for `ordinal`, a segment sum
+for a tree hierarchy, and a ring of `n` steps for embeddings and neighbour
+lists (`ring_expected`). Two cases still hold `(batch, C)` on a device: a
+hand-made dense table (its product's partial sums; such a table is `C x C`
+anyway), and neighbour lists in which some class is listed by more than 64
+classes (`p @ S` by scatter-adds).
 """
 
 import keras
@@ -52,7 +58,13 @@ from keras import ops
 from keras_simloss import _backend
 from keras_simloss.similarity.base import Similarity
 
-__all__ = ["SimilarityState", "class_layout_map", "shard_classes", "top_k"]
+__all__ = [
+    "SimilarityState",
+    "class_layout_map",
+    "ring_expected",
+    "shard_classes",
+    "top_k",
+]
 
 
 def class_layout_map(device_mesh, output_layer, axis="model", layout_map=None):
@@ -295,6 +307,64 @@ def top_k(values, k, similarity=None):
         ops.reshape(part_indices, (-1, shards * local)), positions, axis=-1
     )
     return top_values, indices
+
+
+def ring_expected(similarity, probabilities):
+    """`p @ S` over classes sharded by `shard_classes`, or `None` (not
+    sharded, or a kind without a ring form: `Similarity._ring_arrays`).
+
+    XLA's partitioner would gather whole `(batch, C)` rows for these
+    kinds' `p @ S` (every class's column needs `p` over all classes).
+    Written instead as local work plus collectives, a ring as in ring
+    attention: each device keeps its `w = C / n` columns and, in `n` steps,
+    adds the part of `p @ S` due to one visiting block of `w` classes, then
+    passes `p` over that block (and the kind's travelling arrays, e.g. the
+    unit vectors) on to the next device (`ppermute`). Each device holds
+    `(batch, w)` buffers and never a whole row.
+    """
+    state = similarity.__dict__.get("_state")
+    distribution = keras.distribution.distribution()
+    if state is None or state.shards == 1 or distribution is None:
+        return None
+    travelling = similarity._ring_arrays()
+    if travelling is None:
+        return None
+    import jax
+    from jax.sharding import PartitionSpec
+
+    axis, shards = state.axis, state.shards
+    width = similarity.num_classes // shards
+    keys = sorted(state.layouts)
+    arrays = [similarity._tensor(key, None) for key in keys]
+    batch_axis = getattr(distribution, "batch_dim_name", None)
+    if batch_axis not in distribution.device_mesh.axis_names:
+        batch_axis = None
+    spec = PartitionSpec(batch_axis, axis)
+    turn = [(i, (i + 1) % shards) for i in range(shards)]
+
+    def local(p, *own_arrays):
+        own = dict(zip(keys, own_arrays))
+        here = jax.lax.axis_index(axis)
+
+        def step(i, carry):
+            total, visiting_p, visiting = carry
+            source = (here - i) % shards  # whose classes are visiting
+            total = total + similarity._expected_from_shard(
+                visiting_p, visiting, own, source == here, source * width
+            )
+            visiting_p, visiting = jax.lax.ppermute((visiting_p, visiting), axis, turn)
+            return total, visiting_p, visiting
+
+        start = (ops.zeros_like(p), p, {key: own[key] for key in travelling})
+        return jax.lax.fori_loop(0, shards, step, start)[0]
+
+    return jax.shard_map(
+        local,
+        mesh=state._mesh.backend_mesh,
+        in_specs=(spec,) + tuple(PartitionSpec(*state.layouts[k]) for k in keys),
+        out_specs=spec,
+        check_vma=False,
+    )(probabilities, *arrays)
 
 
 def _similarity_of(value):

@@ -96,6 +96,31 @@ def checked(similarity):
     return similarity
 
 
+def blocked_columns(probabilities, num_columns, rows_of, entries=None):
+    """`(batch, num_columns)`: column `j` is `probabilities . rows_of([j])`,
+    computed a block of columns at a time (`(block, c)` rows and `(batch, c)`
+    probabilities in memory, `c` the last axis of `probabilities`).
+
+    `rows_of(classes)` gives `(block, c)` for int32 `classes`; for a
+    symmetric `S`, its rows are its columns. `entries`: the most entries of
+    a block of rows, default `_EXPECTED_BLOCK_ENTRIES`."""
+    width = probabilities.shape[-1]
+    entries = _EXPECTED_BLOCK_ENTRIES if entries is None else entries
+    block = max(1, min(num_columns, entries // max(width, 1)))
+    count = -(-num_columns // block)
+    offsets = ops.arange(block, dtype="int32")
+
+    def columns(start):
+        # The last block repeats the last column; its extra columns are cut
+        # off below.
+        classes = ops.minimum(start + offsets, num_columns - 1)
+        return ops.einsum("bc,kc->bk", probabilities, rows_of(classes))
+
+    parts = ops.map(columns, ops.arange(count, dtype="int32") * block)
+    flat = ops.reshape(ops.transpose(parts, (1, 0, 2)), (-1, count * block))
+    return flat[:, :num_columns]
+
+
 def int32(x):
     return ops.cast(_backend.as_tensor(x), "int32")
 
@@ -204,6 +229,11 @@ class Similarity(ArraySaving):
         if self.uses_dense_table:
             table = self._tensor("similarity_table", lambda: self._dense_tables()[0])
             return ops.matmul(probabilities, table)
+        from keras_simloss import sharding  # it imports this module
+
+        sharded = sharding.ring_expected(self, probabilities)
+        if sharded is not None:
+            return sharded
         return self._compute_expected(probabilities)
 
     def numpy_rows(self, classes):
@@ -242,20 +272,25 @@ class Similarity(ArraySaving):
                 f"{type(self).__name__} does not say it is symmetric: implement "
                 "`_compute_expected` (p @ S) or set `symmetric = True`."
             )
-        num_classes = self.num_classes
-        block = max(1, min(num_classes, _EXPECTED_BLOCK_ENTRIES // num_classes))
-        count = -(-num_classes // block)
-        offsets = ops.arange(block, dtype="int32")
+        return blocked_columns(probabilities, self.num_classes, self._compute_rows)
 
-        def columns(start):
-            # The last block repeats the last class; its extra columns are
-            # cut off below.
-            classes = ops.minimum(start + offsets, num_classes - 1)
-            return ops.einsum("bc,kc->bk", probabilities, self._compute_rows(classes))
+    def _ring_arrays(self):
+        """The keys of the sharded state that travel round the devices for
+        `p @ S` over sharded classes (`keras_simloss.sharding.ring_expected`),
+        a tuple; `None`: the kind has no such form (XLA then computes
+        `_compute_expected` over gathered rows)."""
+        return None
 
-        parts = ops.map(columns, ops.arange(count, dtype="int32") * block)
-        flat = ops.reshape(ops.transpose(parts, (1, 0, 2)), (-1, count * block))
-        return flat[:, :num_classes]
+    def _expected_from_shard(self, probabilities, visiting, own, same_shard, start):
+        """One device's part of `p @ S` from one visiting block of classes.
+
+        `probabilities` `(batch, w)`: `p` over the visiting block, the `w`
+        classes from `start` on (a traced int32); `visiting`: the arrays of
+        `_ring_arrays()` for those classes; `own`: all state arrays for this
+        device's `w` classes; `same_shard`: whether the two blocks are the
+        same (a traced bool). Returns `(batch, w)`:
+        `sum_(c in block) p_c S[c, j]` for this device's classes `j`."""
+        raise NotImplementedError
 
     def _pairs(self, labels, classes):
         picked = ops.take_along_axis(

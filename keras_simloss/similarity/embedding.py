@@ -4,7 +4,12 @@ import numpy as np
 from keras import ops
 
 from keras_simloss import _utils
-from keras_simloss.similarity.base import Similarity, checked
+from keras_simloss.similarity.base import (
+    _EXPECTED_BLOCK_ENTRIES,
+    Similarity,
+    blocked_columns,
+    checked,
+)
 
 
 @_utils.register
@@ -90,6 +95,31 @@ class EmbeddingSimilarity(Similarity):
             self.num_classes, dtype="int32"
         )
         return self._from_cosine(cosine, same_class)
+
+    def _ring_arrays(self):
+        return ("unit_vectors",)
+
+    def _expected_from_shard(self, probabilities, visiting, own, same_shard, start):
+        # The visiting block's rows against this device's classes, a block
+        # of this device's classes at a time: O(batch w^2 + w^2 d) work.
+        del start
+        unit, visiting_unit = own["unit_vectors"], visiting["unit_vectors"]
+        width = unit.shape[0]
+        positions = ops.arange(width, dtype="int32")
+
+        def rows_of(classes):
+            cosine = ops.einsum(
+                "kd,cd->kc", ops.take(unit, classes, axis=0), visiting_unit
+            )
+            same = ops.logical_and(
+                same_shard, ops.expand_dims(classes, -1) == positions
+            )
+            return self._from_cosine(cosine, same)
+
+        # Blocks of rows 1 / n the size of one device's, as the rest.
+        shards = self.num_classes // width
+        entries = max(_EXPECTED_BLOCK_ENTRIES // shards, width)
+        return blocked_columns(probabilities, width, rows_of, entries)
 
     def _pairs(self, labels, classes):
         # Two vectors per example instead of a whole row.

@@ -5,7 +5,7 @@ import math
 import numpy as np
 from keras import ops
 
-from keras_simloss import _utils
+from keras_simloss import _backend, _utils
 from keras_simloss.similarity.base import Similarity, checked
 
 # Classes per block of `expected` (a (K, K) product within blocks).
@@ -89,6 +89,16 @@ class OrdinalSimilarity(Similarity):
         r = self.reduction_factor
         num_classes = self.num_classes
         size = min(num_classes, _EXPECTED_BLOCK)
+        shards = _backend.class_blocks(num_classes)
+        if shards > 1:
+            # Classes sharded over devices: blocks that do not straddle two
+            # devices (a divisor of a device's classes) and no padding, so
+            # the products stay local and only the `(batch, C / K)` carries
+            # cross devices.
+            width = num_classes // shards
+            size = max(
+                d for d in range(1, min(width, _EXPECTED_BLOCK) + 1) if width % d == 0
+            )
         blocks = -(-num_classes // size)
         offsets = np.arange(size)
         within = r ** np.abs(offsets[:, None] - offsets[None, :]).astype(np.float64)

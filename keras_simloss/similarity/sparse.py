@@ -163,6 +163,27 @@ class SparseSimilarity(Similarity):
             result = result + picked * weights[index]
         return result
 
+    def _ring_arrays(self):
+        # Only `p` travels: this device's turned-around lists name, for each
+        # of its classes, the classes listing it, wherever they are.
+        return None if self._incoming_lists() is None else ()
+
+    def _expected_from_shard(self, probabilities, visiting, own, same_shard, start):
+        # Each round, the entries of this device's turned-around lists that
+        # fall in the visiting block: O(batch w rounds) work per block, so
+        # the ring's n blocks cost what one device's whole `p @ S` costs,
+        # in `(batch, w)` memory.
+        del visiting
+        width = probabilities.shape[-1]
+        incoming, weights = own["incoming"], own["incoming_weights"]
+        result = ops.where(same_shard, probabilities, 0.0)  # S[j, j] = 1
+        for index in range(incoming.shape[0]):
+            local = incoming[index] - start
+            inside = ops.logical_and(local >= 0, local < width)
+            picked = ops.take(probabilities, ops.clip(local, 0, width - 1), axis=1)
+            result = result + picked * ops.where(inside, weights[index], 0.0)
+        return result
+
     def _scattered_expected(self, probabilities):
         """`p @ S` by one scatter-add per neighbour slot into `(C, batch)`,
         for lists where some class is listed by very many (hubs)."""
