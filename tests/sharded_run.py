@@ -7,8 +7,10 @@ trains one SGD step of a model whose output kernel is
 laid out `(None, "model")` with the similarity's state sharded, and the same
 step on one device without any distribution; it prints, as one JSON line,
 both runs' losses, metrics and gradients, the state's layouts and shard
-shapes, and every buffer shape of the compiled sharded step that has a full
-axis of `C` classes.
+shapes, `p @ S` (`Similarity.expected`, what min-risk decoding reads) and
+its layout, and every buffer shape of the compiled sharded step (whose
+metrics include the median and the min-risk read-outs) that has a full axis
+of `C` classes.
 """
 
 import json
@@ -88,6 +90,13 @@ def main(devices, loss_names):
             metrics=[
                 ks.metrics.MistakeSeverity(similarity, name="severity"),
                 ks.metrics.TopKMistakeSeverity(similarity, k=3, name="top3"),
+                # Read-outs: the ordinal median and the min-risk class.
+                ks.metrics.ClassMeanAbsoluteError(
+                    decode="median", from_logits=True, name="median_mae"
+                ),
+                ks.metrics.ClassMeanAbsoluteError(
+                    decode=similarity, from_logits=True, name="min_risk_mae"
+                ),
             ],
             jit_compile=True,
         )
@@ -103,6 +112,39 @@ def main(devices, loss_names):
         result["min_risk"] = ks.decode_min_risk(
             model(x), similarity, from_logits=True
         ).tolist()
+        # The median read-out, compiled on the model's (sharded) logits, and
+        # a float64 NumPy reference with each row's margin: how far the
+        # cumulative sums next to the crossing are from half the mass (a
+        # float32 sum may cross elsewhere when that is within its rounding).
+        result["medians"] = np.asarray(
+            jax.jit(lambda z: ks.decode_ordinal(z, "median", from_logits=True))(
+                model(x)
+            )
+        ).tolist()
+        exact = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+        cumulative = np.cumsum(exact / exact.sum(-1, keepdims=True), axis=-1)
+        result["medians_float64"] = np.argmax(cumulative >= 0.5, axis=-1).tolist()
+        result["median_margins"] = np.min(np.abs(cumulative - 0.5), axis=-1).tolist()
+        probabilities = keras.ops.softmax(model(x))
+        if sharded:
+            # As inside a trainer's step: the state's arrays as arguments.
+            def expected(p, values):
+                with similarity._reading_state(values):
+                    return similarity.expected(p)
+
+            values = state.values()
+            result["expected_spec"] = list(
+                jax.jit(expected)(probabilities, values).sharding.spec
+            )
+            result["expected"] = (
+                np.asarray(jax.jit(expected)(probabilities, values))
+                .ravel()[::97]
+                .tolist()
+            )
+        else:
+            result["expected"] = (
+                np.asarray(similarity.expected(probabilities)).ravel()[::97].tolist()
+            )
         if sharded:
             result["full_class_buffers"] = full_class_buffers(model, x, y, weights)
             path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"{kind}.keras")
@@ -140,6 +182,8 @@ def main(devices, loss_names):
                 "sharded": step(kind, loss_name, sharded=True),
             }
     results["top_k"] = top_k_matches(devices)
+    keras.distribution.set_distribution(None)
+    results["top_k_on_devices"] = top_k_on_devices()
     results["errors"] = errors(makers, layout_map, mesh)
     print(json.dumps(results))
 
@@ -172,6 +216,34 @@ def top_k_matches(devices):
             and np.array_equal(np.asarray(got[1]), np.asarray(expected[1]))
         )
     return results
+
+
+def top_k_on_devices():
+    """Whether `similarity.top_k(on_device=True)`, which splits each block's
+    rows over the devices, gives the NumPy path's lists, entry for entry, on
+    vectors with many ties (repeated and parallel ones)."""
+    import jax
+    import numpy as np
+
+    import keras_simloss as ks
+
+    rng = np.random.default_rng(2)
+    vectors = rng.integers(-1, 2, size=(1001, 3)).astype("float32")  # ties
+    vectors[np.all(vectors == 0, axis=1)] = 1.0
+    similarity = ks.similarity.from_embeddings(vectors, 0.1)
+    expected = ks.similarity.top_k(similarity, 6, batch_size=250)
+    got = ks.similarity.top_k(similarity, 6, batch_size=250, on_device=True)
+    module = sys.modules["keras_simloss.similarity.top_k"]
+    block = module._row_split()(np.arange(250))
+    return {
+        "devices": len(jax.devices()),
+        "block_devices": len(block.sharding.device_set),
+        "block_rows": int(block.shape[0]),
+        "equal": bool(
+            np.array_equal(got.indices, expected.indices)
+            and np.array_equal(got.values, expected.values)
+        ),
+    }
 
 
 def errors(makers, layout_map, mesh):

@@ -56,7 +56,9 @@ def top_k(similarity, k, batch_size=None, on_device=False):
     settled as above (float64 rescoring near the cut). A row whose `k + 8`
     candidates do not reach below the rounding margin of its `k`-th value
     (ties spread over the row) is searched by the NumPy path. The result is
-    the same, entry for entry. Other kinds take the NumPy path.
+    the same, entry for entry. Other kinds take the NumPy path. On JAX with
+    several devices (GPUs, or simulated host devices), each block's rows
+    are split over all of them; every device holds the `C x d` table.
 
     Args:
         similarity: a `Similarity` or an array-like `(C, C)`.
@@ -129,9 +131,11 @@ def _device_top_k(source, unit, scores, k, batch_size, indices, values):
         cosine = ops.where(own, float("-inf"), cosine)  # never the class itself
         return ops.top_k(cosine, count, sorted=True)
 
+    split = _row_split()
     for start in range(0, num_classes, batch_size):
         classes = np.arange(start, min(start + batch_size, num_classes))
-        top, column = block_top(ops.convert_to_tensor(classes.astype(np.int32)))
+        top, column = block_top(split(classes))
+        top, column = top[: len(classes)], column[: len(classes)]
         top = ops.convert_to_numpy(top).astype(np.float64)
         column = ops.convert_to_numpy(column).astype(np.int64)
         # Every class whose exact value can reach the k-th largest has a
@@ -153,6 +157,34 @@ def _device_top_k(source, unit, scores, k, batch_size, indices, values):
             found.append((unsure[part[0]], part[1], part[2]))
         row, column, value = (np.concatenate(parts) for parts in zip(*found))
         _keep_top_k(row, column, value, classes, k, indices, values)
+
+
+def _row_split():
+    """`classes -> int32 tensor` for `_device_top_k`'s blocks: on JAX with
+    several local devices of the default platform, the block's rows laid
+    out over all of them (padded with the last class to a multiple of
+    their count), so that XLA splits the product and the selection by rows;
+    elsewhere a tensor on the default device."""
+    from keras import ops
+
+    from keras_simloss import _backend
+
+    devices = []
+    if _backend.backend() == "jax":
+        import jax
+
+        devices = jax.local_devices()
+    if len(devices) < 2:
+        return lambda classes: ops.convert_to_tensor(classes.astype(np.int32))
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("rows",))
+    layout = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows"))
+
+    def split(classes):
+        padded = np.full(-(-len(classes) // len(devices)) * len(devices), classes[-1])
+        padded[: len(classes)] = classes
+        return jax.device_put(padded.astype(np.int32), layout)
+
+    return split
 
 
 def _candidates(block, classes, k, num_classes, scores):
