@@ -144,9 +144,10 @@ def decode_ordinal(y_pred, method="argmax", class_values=None, from_logits=False
 
     Computed in float32 with `keras.ops`, so it runs on TensorFlow, JAX and
     PyTorch and inside XLA. For `"median"` and `"mean"` the probabilities
-    are divided by their sum (1 up to rounding). The median's cumulative sum
-    is float32: where it lies within its rounding of one half (about `1e-5`
-    over thousands of classes of similar probability), the read-out may be
+    are divided by their sum (1 up to rounding). The median is read from a
+    float32 cumulative sum: where the exact one lies within float32 rounding
+    of one half (of the softmax and of the sum; margins below `1e-5`
+    with thousands of classes of similar probability), the read-out may be
     the next class. With the classes sharded over devices
     (`keras_simloss.sharding`) each device scans its own classes.
 
