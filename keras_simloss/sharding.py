@@ -44,11 +44,9 @@ neighbour lists). `benchmarks/class_sharding.py` measures per-device memory.
 The read-outs stay sharded too: the ordinal median scans each device's
 classes and adds the mass before them (`_backend.class_blocks`); min-risk
 decoding's `p @ S` is blocked along the devices for `ordinal`, a segment sum
-for a tree hierarchy, and a ring of `n` steps for embeddings and neighbour
-lists (`ring_expected`). Two cases still hold `(batch, C)` on a device: a
-hand-made dense table (its product's partial sums; such a table is `C x C`
-anyway), and neighbour lists in which some class is listed by more than 64
-classes (`p @ S` by scatter-adds).
+for a tree hierarchy, and a ring of `n` steps for embeddings, neighbour
+lists (hubs included: classes listed by more than 64 others) and dense
+tables, which are split by columns (`ring_expected`).
 """
 
 import keras
@@ -319,16 +317,25 @@ def ring_expected(similarity, probabilities):
     attention: each device keeps its `w = C / n` columns and, in `n` steps,
     adds the part of `p @ S` due to one visiting block of `w` classes, then
     passes `p` over that block (and the kind's travelling arrays, e.g. the
-    unit vectors) on to the next device (`ppermute`). Each device holds
-    `(batch, w)` buffers and never a whole row.
+    unit vectors) on to the next device (`ppermute`). A dense table is
+    split by columns, so only `p` travels. Neighbour lists with hubs (no
+    turned-around lists) push instead (`Similarity._ring_pushes`): the
+    partial sums of one block of columns travel, and each device adds what
+    its own classes' lists give to them. Each device holds `(batch, w)`
+    buffers and never a whole row.
     """
     state = similarity.__dict__.get("_state")
     distribution = keras.distribution.distribution()
     if state is None or state.shards == 1 or distribution is None:
         return None
-    travelling = similarity._ring_arrays()
+    if similarity.uses_dense_table:
+        travelling, from_shard = (), _dense_expected_from_shard
+    else:
+        travelling = similarity._ring_arrays()
+        from_shard = similarity._expected_from_shard
     if travelling is None:
         return None
+    pushes = not similarity.uses_dense_table and similarity._ring_pushes()
     import jax
     from jax.sharding import PartitionSpec
 
@@ -349,7 +356,7 @@ def ring_expected(similarity, probabilities):
         def step(i, carry):
             total, visiting_p, visiting = carry
             source = (here - i) % shards  # whose classes are visiting
-            total = total + similarity._expected_from_shard(
+            total = total + from_shard(
                 visiting_p, visiting, own, source == here, source * width
             )
             visiting_p, visiting = jax.lax.ppermute((visiting_p, visiting), axis, turn)
@@ -358,13 +365,41 @@ def ring_expected(similarity, probabilities):
         start = (ops.zeros_like(p), p, {key: own[key] for key in travelling})
         return jax.lax.fori_loop(0, shards, step, start)[0]
 
+    def local_push(p, *own_arrays):
+        # The partial sums of one block of columns travel instead; after
+        # `n` steps and `n` passes each block's sums are back home.
+        own = dict(zip(keys, own_arrays))
+        here = jax.lax.axis_index(axis)
+
+        def step(i, visiting_total):
+            target = (here - i) % shards  # whose columns are visiting
+            visiting_total = visiting_total + similarity._expected_into_shard(
+                p, own, target == here, target * width
+            )
+            return jax.lax.ppermute(visiting_total, axis, turn)
+
+        return jax.lax.fori_loop(0, shards, step, ops.zeros_like(p))
+
     return jax.shard_map(
-        local,
+        local_push if pushes else local,
         mesh=state._mesh.backend_mesh,
         in_specs=(spec,) + tuple(PartitionSpec(*state.layouts[k]) for k in keys),
         out_specs=spec,
         check_vma=False,
     )(probabilities, *arrays)
+
+
+def _dense_expected_from_shard(probabilities, visiting, own, same_shard, start):
+    """A dense table's part of `p @ S` from one visiting block: this
+    device's columns of the table (`(C, w)`) hold the visiting classes'
+    rows of them, `(w, w)`, which `p` over those classes multiplies."""
+    del visiting, same_shard
+    import jax
+
+    block = jax.lax.dynamic_slice_in_dim(
+        own["similarity_table"], start, probabilities.shape[-1], axis=0
+    )
+    return ops.matmul(probabilities, block)
 
 
 def _similarity_of(value):

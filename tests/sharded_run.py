@@ -1,16 +1,16 @@
 """Class-sharded training on simulated JAX devices, against one device.
 
 Run by `tests/test_sharding.py` in a subprocess (the device count is fixed
-when JAX starts): `python tests/sharded_run.py DEVICES [LOSS ...]`. For
-every kind of similarity and loss (default both: `simloss soft_labels`) it
-trains one SGD step of a model whose output kernel is
-laid out `(None, "model")` with the similarity's state sharded, and the same
-step on one device without any distribution; it prints, as one JSON line,
-both runs' losses, metrics and gradients, the state's layouts and shard
-shapes, `p @ S` (`Similarity.expected`, what min-risk decoding reads) and
-its layout, and every buffer shape of the compiled sharded step (whose
-metrics include the median and the min-risk read-outs) that has a full axis
-of `C` classes.
+when JAX starts): `python tests/sharded_run.py DEVICES [LOSS ...]
+[--kinds K,...]`. For every kind of similarity (default all six) and loss
+(default both: `simloss soft_labels`) it trains one SGD step of a model
+whose output kernel is laid out `(None, "model")` with the similarity's
+state sharded, and the same step on one device without any distribution;
+it prints, as one JSON line, both runs' losses, metrics and gradients, the
+state's layouts and shard shapes, `p @ S` (`Similarity.expected`, what
+min-risk decoding reads) and its layout, and every buffer shape of the
+compiled sharded step (whose metrics include the median and the min-risk
+read-outs) that has a full axis of `C` classes.
 """
 
 import json
@@ -21,11 +21,19 @@ import sys
 NUM_CLASSES = 4000  # divisible by 4 and 8
 BATCH = 32
 FEATURES = 8
+HUBS = [11, 2011]  # classes listed by 300 others in the "hubs" kind
 
 
-def main(devices, loss_names):
+def main(devices, loss_names, kinds):
     os.environ["KERAS_BACKEND"] = "jax"
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # Simulated devices are threads of this process; on a busy machine one
+    # may reach a collective long after the others, past XLA's default 40 s
+    # (it then aborts the process).
+    os.environ["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={devices} "
+        "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
+        "--xla_cpu_collective_timeout_seconds=600"
+    )
     import jax
     import keras
     import numpy as np
@@ -38,11 +46,29 @@ def main(devices, loss_names):
     neighbours = (np.arange(NUM_CLASSES)[:, None] + offsets[None, :]) % NUM_CLASSES
     closeness = rng.uniform(0.1, 0.9, size=neighbours.shape).astype("float32")
     levels = [np.arange(NUM_CLASSES) // 10, np.arange(NUM_CLASSES) // 200]
+    # A hand-made table: not symmetric, 70 % zeros (log S = -inf there);
+    # drawn apart, so that the other kinds' data stay as they were.
+    table_rng = np.random.default_rng(3)
+    matrix = np.where(
+        table_rng.uniform(size=(NUM_CLASSES, NUM_CLASSES)) < 0.3,
+        table_rng.uniform(size=(NUM_CLASSES, NUM_CLASSES)),
+        0.0,
+    )
+    np.fill_diagonal(matrix, 1.0)
+    # Neighbour lists with two hubs, classes 11 and 2011, each listed by ~300
+    # others (more than 64: no turned-around lists, `p @ S` scatters).
+    hub_lists = neighbours.copy()
+    for hub, first in zip(HUBS, (100, 2500)):
+        rows = np.arange(first, first + 300)
+        rows = rows[~np.any(neighbours[rows] == hub, axis=1)]
+        hub_lists[rows, 0] = hub
     makers = {
         "ordinal": lambda: ks.similarity.ordinal(NUM_CLASSES, 0.7),
         "embeddings": lambda: ks.similarity.from_embeddings(vectors, 0.2),
         "sparse": lambda: ks.similarity.SparseSimilarity(neighbours, closeness),
         "hierarchy": lambda: ks.similarity.from_hierarchy(levels, [0.6, 0.3]),
+        "matrix": lambda: ks.similarity.MatrixSimilarity(matrix),
+        "hubs": lambda: ks.similarity.SparseSimilarity(hub_lists, closeness),
     }
     losses = {
         "simloss": lambda s: ks.SimLoss(s, from_logits=True),
@@ -136,15 +162,13 @@ def main(devices, loss_names):
             result["expected_spec"] = list(
                 jax.jit(expected)(probabilities, values).sharding.spec
             )
-            result["expected"] = (
-                np.asarray(jax.jit(expected)(probabilities, values))
-                .ravel()[::97]
-                .tolist()
-            )
+            product = np.asarray(jax.jit(expected)(probabilities, values))
         else:
-            result["expected"] = (
-                np.asarray(similarity.expected(probabilities)).ravel()[::97].tolist()
-            )
+            product = np.asarray(similarity.expected(probabilities))
+        # A sample of the entries, and the hubs' columns whole.
+        result["expected"] = np.concatenate(
+            [product.ravel()[::97], product[:, HUBS].ravel()]
+        ).tolist()
         if sharded:
             result["full_class_buffers"] = full_class_buffers(model, x, y, weights)
             path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"{kind}.keras")
@@ -175,7 +199,7 @@ def main(devices, loss_names):
         return sorted(s for s in shapes if str(NUM_CLASSES) in s.split(","))
 
     results = {"devices": len(jax.devices()), "runs": {}}
-    for kind in makers:
+    for kind in kinds:
         for loss_name in loss_names:
             results["runs"][f"{kind}-{loss_name}"] = {
                 "one": step(kind, loss_name, sharded=False),
@@ -304,4 +328,10 @@ def errors(makers, layout_map, mesh):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2:] or ["simloss", "soft_labels"])
+    arguments = sys.argv[2:]
+    kinds = ["ordinal", "embeddings", "sparse", "hierarchy", "matrix", "hubs"]
+    if "--kinds" in arguments:
+        at = arguments.index("--kinds")
+        kinds = arguments[at + 1].split(",")
+        arguments = arguments[:at] + arguments[at + 2 :]
+    main(int(sys.argv[1]), arguments or ["simloss", "soft_labels"], kinds)

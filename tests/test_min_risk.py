@@ -94,6 +94,38 @@ def test_sparse_expected_similarity_with_and_without_a_hub(hub):
     assert (sim._incoming_arrays is None) == hub
 
 
+@pytest.mark.skipif(
+    keras.config.backend() != "jax", reason="XLA memory analysis through JAX"
+)
+def test_sparse_expected_memory_with_a_hub_does_not_grow_with_the_slots():
+    # XLA's buffer assignment is deterministic. In units of one (batch, C)
+    # float32 buffer: the scatter-adds of a hub's lists, one slot at a
+    # time, hold as much with 12 slots as with 2, about 2 buffers (unrolled,
+    # XLA held every slot's update at once: 12 buffers for 12 slots).
+    import jax
+
+    num_classes, batch = 2000, 64
+    classes = np.arange(num_classes)
+    rng = np.random.default_rng(3)
+
+    def buffers(slots):
+        offsets = rng.choice(np.arange(1, num_classes), size=slots, replace=False)
+        indices = (classes[:, None] + offsets) % num_classes
+        # Slot 0 of every class that does not list class 0 yet: class 0.
+        listed = np.any(indices == 0, axis=1)
+        indices[~listed & (classes > 0), 0] = 0
+        values = rng.uniform(0.1, 0.9, size=indices.shape)
+        sim = similarity.SparseSimilarity(indices, values)
+        p = jax.ShapeDtypeStruct((batch, num_classes), "float32")
+        compiled = jax.jit(sim.expected).lower(p).compile()
+        assert sim._incoming_arrays is None  # class 0 is a hub
+        return compiled.memory_analysis().temp_size_in_bytes / (batch * num_classes * 4)
+
+    few, many = buffers(2), buffers(12)
+    assert many <= few + 0.5, (few, many)
+    assert many <= 4, many
+
+
 @pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probs"])
 @pytest.mark.parametrize("case", sorted(ALL))
 def test_decode_min_risk_is_the_argmax_of_expected_similarity(case, from_logits):

@@ -20,7 +20,7 @@ from tests.testing import BACKEND, readme_snippets
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE_COUNTS = (4, 8)
-KINDS = ("ordinal", "embeddings", "sparse", "hierarchy")
+KINDS = ("ordinal", "embeddings", "sparse", "hierarchy", "matrix", "hubs")
 # Both losses on 4 devices; SimLoss alone on 8 (the same code, more shards).
 LOSSES = {4: ("simloss", "soft_labels"), 8: ("simloss",)}
 
@@ -129,6 +129,8 @@ def test_state_is_sharded_and_no_buffer_holds_every_class(devices):
         "embeddings": {"unit_vectors"},
         "sparse": {"indices", "values", "incoming", "incoming_weights"},
         "hierarchy": {"ancestors_0", "ancestors_1"},
+        "matrix": {"similarity_table"},  # log S: the log of its rows
+        "hubs": {"indices", "values"},  # no turned-around lists
     }
     for name, run in _runs(devices).items():
         sharded = run["sharded"]
@@ -145,8 +147,10 @@ def test_state_is_sharded_and_no_buffer_holds_every_class(devices):
                 part[class_axis] //= devices
                 assert shard == part, (name, key, shard)
         # Every buffer of the compiled step (forward, backward, metrics,
-        # optimizer) has at most C / n of the classes.
-        assert sharded["full_class_buffers"] == [], name
+        # optimizer) has at most C / n of the classes; a dense table's
+        # shard, its columns for this device's classes, has all C rows.
+        own_shard = [f"4000,{4000 // devices}"] if kind == "matrix" else []
+        assert sharded["full_class_buffers"] == own_shard, name
 
 
 @pytest.mark.large

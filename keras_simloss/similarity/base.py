@@ -192,6 +192,10 @@ class Similarity(ArraySaving):
         """`log(S[labels])`, `(batch, C)`, `-inf` where the similarity is 0."""
         labels = int32(labels)
         if self.uses_dense_table:
+            if self.__dict__.get("_state") is not None:
+                # Sharded: one table on the devices, not two; the log of
+                # its `(batch, C / n)` rows costs what gathering them does.
+                return ops.log(self.rows(labels))
             table = self._tensor(
                 "log_similarity_table", lambda: self._dense_tables()[1]
             )
@@ -226,14 +230,14 @@ class Similarity(ArraySaving):
             probabilities: float tensor `(batch, C)`.
         """
         probabilities = ops.cast(probabilities, "float32")
-        if self.uses_dense_table:
-            table = self._tensor("similarity_table", lambda: self._dense_tables()[0])
-            return ops.matmul(probabilities, table)
         from keras_simloss import sharding  # it imports this module
 
         sharded = sharding.ring_expected(self, probabilities)
         if sharded is not None:
             return sharded
+        if self.uses_dense_table:
+            table = self._tensor("similarity_table", lambda: self._dense_tables()[0])
+            return ops.matmul(probabilities, table)
         return self._compute_expected(probabilities)
 
     def numpy_rows(self, classes):
@@ -281,6 +285,21 @@ class Similarity(ArraySaving):
         `_compute_expected` over gathered rows)."""
         return None
 
+    def _ring_pushes(self):
+        """Whether the ring passes partial sums instead of `p`: each device
+        adds what its own classes give to a visiting block of columns
+        (`_expected_into_shard`). Default `False`."""
+        return False
+
+    def _expected_into_shard(self, probabilities, own, same_shard, start):
+        """One device's additions to a visiting block of `p @ S` (a ring
+        that pushes, `_ring_pushes`): `probabilities` `(batch, w)` over this
+        device's classes, `own` its state arrays, `same_shard` whether the
+        block is its own, `start` (a traced int32) the block's first class.
+        Returns `(batch, w)`: `sum_(c on this device) p_c S[c, j]` for the
+        block's classes `j`."""
+        raise NotImplementedError
+
     def _expected_from_shard(self, probabilities, visiting, own, same_shard, start):
         """One device's part of `p @ S` from one visiting block of classes.
 
@@ -293,9 +312,14 @@ class Similarity(ArraySaving):
         raise NotImplementedError
 
     def _pairs(self, labels, classes):
-        picked = ops.take_along_axis(
-            self.rows(labels), ops.expand_dims(classes, -1), axis=-1
-        )
+        rows = self.rows(labels)
+        if self.__dict__.get("_state") is not None:
+            # Rows sharded over their classes: picking one entry by index
+            # would gather whole rows; a masked sum stays local (plus an
+            # all-reduce of `(batch,)`), and adds exactly one entry.
+            chosen = ops.arange(self.num_classes, dtype="int32") == classes[:, None]
+            return ops.sum(ops.where(chosen, rows, 0.0), axis=-1)
+        picked = ops.take_along_axis(rows, ops.expand_dims(classes, -1), axis=-1)
         return ops.squeeze(picked, -1)
 
     # Tensors cached for the graph ----------------------------------------------
@@ -304,13 +328,15 @@ class Similarity(ArraySaving):
         """The per-class arrays the tensors of `_tensor` are made from:
         `{key: (make_array, class_axis)}`, `class_axis` the array's axis of
         `C` classes (what `keras_simloss.sharding` splits over devices).
-        A kind adds the keys it reads with `_tensor` to these."""
+        A kind adds the keys it reads with `_tensor` to these.
+
+        A dense table is split by columns: the rows `S[labels]` a loss reads
+        are then sharded as the logits are, each device gathering its own
+        `C / n` columns of them. `log S` is not kept beside it (`log_rows`
+        takes the log of the rows)."""
         if not self.uses_dense_table:
             return {}
-        return {
-            "similarity_table": (lambda: self._dense_tables()[0], 0),
-            "log_similarity_table": (lambda: self._dense_tables()[1], 0),
-        }
+        return {"similarity_table": (lambda: self._dense_tables()[0], 1)}
 
     def _tensor(self, key, make_array):
         """The array `make_array()` as a tensor, made once and reused.
