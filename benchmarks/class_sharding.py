@@ -24,6 +24,8 @@ and prints, per device, from XLA's memory analysis of the compiled program:
     python benchmarks/class_sharding.py                      # C = 1,000,000
     python benchmarks/class_sharding.py --classes 10000000 --no-time
     python benchmarks/class_sharding.py --read-outs          # memory only
+    python benchmarks/class_sharding.py --read-outs --kinds sparse hubs
+    python benchmarks/class_sharding.py --classes 8192 --kinds matrix --read-outs
 
 The device count is fixed when JAX starts: the script sets
 `XLA_FLAGS=--xla_force_host_platform_device_count` to the largest of
@@ -60,6 +62,11 @@ def parse():
         "--kinds",
         nargs="+",
         default=["ordinal", "embeddings", "sparse", "hierarchy"],
+        choices=["ordinal", "embeddings", "sparse", "hierarchy", "hubs", "matrix"],
+        metavar="KIND",
+        help="ordinal, embeddings, sparse, hierarchy; hubs: neighbour lists in "
+        "which 100 classes are each listed by C / 1000 others; matrix: a "
+        "dense C x C table (small C only)",
     )
     return parser.parse_args()
 
@@ -70,6 +77,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + f" --xla_force_host_platform_device_count={max(ARGS.devices)}"
+    # Simulated devices are threads; on a busy machine one may reach a
+    # collective long after the others, past XLA's default 40 s.
+    + " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+    + " --xla_cpu_collective_timeout_seconds=600"
 )
 
 import jax  # noqa: E402
@@ -94,11 +105,23 @@ def make_similarity(kind, num_classes):
         return ks.similarity.from_hierarchy(
             [codes // 10, codes // 100, codes // 1000], [0.6, 0.3, 0.1]
         )
-    if kind == "sparse":
+    if kind in ("sparse", "hubs"):
         offsets = rng.choice(np.arange(1, num_classes), size=ARGS.k, replace=False)
         indices = (np.arange(num_classes)[:, None] + offsets[None, :]) % num_classes
         values = rng.uniform(0.1, 0.9, size=(num_classes, ARGS.k)).astype("float32")
+        if kind == "hubs":
+            # Every tenth class lists one of 100 hubs first.
+            hubs = np.arange(100) * (num_classes // 100) + num_classes // 200
+            rows = np.arange(0, num_classes, 10)
+            hub = hubs[(rows // 10) % 100]
+            fine = ~np.any(indices[rows] == hub[:, None], axis=1) & (hub != rows)
+            indices[rows[fine], 0] = hub[fine]
         return ks.similarity.SparseSimilarity(indices, values)
+    if kind == "matrix":
+        table = rng.uniform(size=(num_classes, num_classes)).astype("float32")
+        table[rng.uniform(size=table.shape) < 0.7] = 0.0
+        np.fill_diagonal(table, 1.0)
+        return ks.similarity.MatrixSimilarity(table)
     vectors = rng.standard_normal((num_classes, ARGS.dim), dtype=np.float32)
     return ks.similarity.from_embeddings(vectors, 0.2)
 
