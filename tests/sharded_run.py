@@ -21,7 +21,7 @@ import sys
 NUM_CLASSES = 4000  # divisible by 4 and 8
 BATCH = 32
 FEATURES = 8
-HUBS = [11, 2011]  # classes listed by 300 others in the "hubs" kind
+HUBS = [11, 2011]  # each listed by about 300 others in the "hubs" kind
 
 
 def main(devices, loss_names, kinds):
