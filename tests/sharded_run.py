@@ -56,12 +56,14 @@ def main(devices, loss_names, kinds):
     )
     np.fill_diagonal(matrix, 1.0)
     # Neighbour lists with two hubs, classes 11 and 2011, each listed by ~300
-    # others (more than 64: no turned-around lists, `p @ S` scatters).
+    # others drawn from all classes, so from every device's block (more
+    # than 64: no turned-around lists, `p @ S` scatters).
     hub_lists = neighbours.copy()
-    for hub, first in zip(HUBS, (100, 2500)):
-        rows = np.arange(first, first + 300)
-        rows = rows[~np.any(neighbours[rows] == hub, axis=1)]
-        hub_lists[rows, 0] = hub
+    hub_rng = np.random.default_rng(4)
+    for slot, hub in enumerate(HUBS):
+        rows = hub_rng.choice(NUM_CLASSES, 300, replace=False)
+        rows = rows[(rows != hub) & ~np.any(hub_lists[rows] == hub, axis=1)]
+        hub_lists[rows, slot] = hub
     makers = {
         "ordinal": lambda: ks.similarity.ordinal(NUM_CLASSES, 0.7),
         "embeddings": lambda: ks.similarity.from_embeddings(vectors, 0.2),
@@ -206,6 +208,7 @@ def main(devices, loss_names, kinds):
                 "sharded": step(kind, loss_name, sharded=True),
             }
     results["top_k"] = top_k_matches(devices)
+    results["small_blocks"] = small_blocks(mesh, layout_map)
     keras.distribution.set_distribution(None)
     results["top_k_on_devices"] = top_k_on_devices()
     results["errors"] = errors(makers, layout_map, mesh)
@@ -239,6 +242,111 @@ def top_k_matches(devices):
             np.array_equal(np.asarray(got[0]), np.asarray(expected[0]))
             and np.array_equal(np.asarray(got[1]), np.asarray(expected[1]))
         )
+    return results
+
+
+def small_blocks(mesh, layout_map):
+    """`p @ S`, rows, `log S` rows and pairs over sharded classes against
+    NumPy, where each device has a few classes: the dense table of the
+    structured kinds (beside their own arrays) at `C = 3 n`, and hub lists
+    (a class listed by 70 others) with at least as many neighbours per
+    class as a device has classes. The probabilities have zeros. Returns,
+    per case, the largest absolute difference, whether `log S` is `-inf` in
+    the same places, and (hubs) whether the ring pushes partial sums."""
+    import jax
+    import keras
+    import numpy as np
+
+    import keras_simloss as ks
+
+    devices = mesh.shape[1]
+    rng = np.random.default_rng(5)
+    dense_classes = 3 * devices
+    # 72 classes (18 or 9 per device), 18 neighbours each, 20 % of the
+    # slots unused; class 3 is listed by at least 70 others.
+    hub_classes, slots = 72, 18
+    everyone = np.arange(hub_classes)
+    hub_indices = np.stack(
+        [rng.permutation(np.delete(everyone, c))[:slots] for c in everyone]
+    )
+    hub_values = rng.uniform(0.1, 0.9, size=hub_indices.shape)
+    hub_values[rng.uniform(size=hub_values.shape) < 0.2] = 0.0
+    listing = [c for c in everyone if c != 3 and 3 not in hub_indices[c]][:70]
+    hub_slots = rng.integers(0, slots, len(listing))
+    hub_indices[listing, hub_slots] = 3
+    hub_values[listing, hub_slots] = 0.5
+    hubs = ks.similarity.SparseSimilarity(hub_indices, hub_values)
+    table = np.where(
+        rng.uniform(size=(dense_classes, dense_classes)) < 0.4,
+        rng.uniform(size=(dense_classes, dense_classes)),
+        0.0,
+    )
+    np.fill_diagonal(table, 1.0)
+    cases = {
+        "ordinal": ks.similarity.ordinal(dense_classes, 0.6),
+        "hierarchy": ks.similarity.from_hierarchy(
+            [np.arange(dense_classes) // 2, np.arange(dense_classes) // 6],
+            [0.7, 0.2],
+        ),
+        "embeddings": ks.similarity.from_embeddings(
+            rng.normal(size=(dense_classes, 3)), 0.1
+        ),
+        "matrix": ks.similarity.MatrixSimilarity(table),
+        "hubs": hubs,
+    }
+    results = {}
+    for name, similarity in cases.items():
+        num_classes = similarity.num_classes
+        keras.distribution.set_distribution(
+            keras.distribution.ModelParallel(
+                layout_map=layout_map, batch_dim_name="batch"
+            )
+        )
+        inputs = keras.Input((FEATURES,))
+        model = keras.Model(
+            inputs, keras.layers.Dense(num_classes, name="logits")(inputs)
+        )
+        state = ks.sharding.shard_classes(model, similarity)
+        matrix = np.asarray(similarity, np.float64)  # NumPy rows
+        p = rng.uniform(size=(BATCH, num_classes)) * (
+            rng.uniform(size=(BATCH, num_classes)) < 0.6
+        )
+        p[0] = np.eye(num_classes)[0]
+        p[1] = np.eye(num_classes)[-1]
+        p = (p / p.sum(-1, keepdims=True)).astype("float32")
+        labels = rng.integers(0, num_classes, BATCH).astype("int32")
+        classes = rng.integers(0, num_classes, BATCH).astype("int32")
+
+        def read(p, labels, classes, values, similarity=similarity):
+            with similarity._reading_state(values):
+                return (
+                    similarity.expected(p),
+                    similarity.rows(labels),
+                    similarity.log_rows(labels),
+                    similarity.pairs(labels, classes),
+                )
+
+        expected, rows, log_rows, pairs = (
+            np.asarray(a) for a in jax.jit(read)(p, labels, classes, state.values())
+        )
+        finite = np.isfinite(log_rows)
+        with np.errstate(divide="ignore"):
+            log_reference = np.log(matrix[labels])
+        results[name] = {
+            "pushes": similarity._ring_pushes() if name == "hubs" else None,
+            "difference": float(
+                max(
+                    np.max(np.abs(expected - p.astype(np.float64) @ matrix)),
+                    np.max(np.abs(rows - matrix[labels])),
+                    np.max(np.abs(log_rows[finite] - log_reference[finite])),
+                    np.max(np.abs(pairs - matrix[labels, classes])),
+                )
+            ),
+            "same_zeros": bool(np.array_equal(finite, np.isfinite(log_reference))),
+            # Sharded, the host builds `S` for the state, not `log S` too.
+            "host_tables": "_tables" in similarity.__dict__,
+        }
+    keras.distribution.set_distribution(None)
     return results
 
 

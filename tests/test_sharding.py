@@ -155,6 +155,22 @@ def test_state_is_sharded_and_no_buffer_holds_every_class(devices):
 
 @pytest.mark.large
 @jax_only
+@pytest.mark.parametrize("devices", DEVICE_COUNTS)
+def test_dense_tables_and_hubs_with_few_classes_per_device_match_numpy(devices):
+    # p @ S, rows, log rows and pairs against NumPy's rows of S: the dense
+    # tables of the structured kinds at C = 3n, and hub lists with more
+    # neighbours per class than a device has classes.
+    results = _sharded_run(devices)["small_blocks"]
+    assert sorted(results) == ["embeddings", "hierarchy", "hubs", "matrix", "ordinal"]
+    assert results["hubs"]["pushes"] is True
+    for name, result in results.items():
+        assert result["difference"] < 1e-6, (name, result)
+        assert result["same_zeros"], name
+        assert result["host_tables"] is False, name
+
+
+@pytest.mark.large
+@jax_only
 def test_sharded_top_k_equals_top_k_on_tied_rows():
     assert _sharded_run(4)["top_k"] == {"1": True, "7": True, "1003": True}
 

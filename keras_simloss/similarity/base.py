@@ -139,7 +139,8 @@ class Similarity(ArraySaving):
             Larger label spaces compute the rows of the batch's labels on the
             fly and never hold `C x C`. Set it on an instance to choose the
             path (0: always on the fly); `uses_dense_table` says which is
-            taken.
+            taken. Under class sharding only `S` is laid out on the
+            devices, and `log_rows` is the log of the gathered rows.
         keep_rows: whether a training step keeps the rows of the forward
             pass for the backward one (one `(batch, C)` buffer held through
             the step) rather than computing them again. Defaults to `False`;
@@ -336,7 +337,7 @@ class Similarity(ArraySaving):
         takes the log of the rows)."""
         if not self.uses_dense_table:
             return {}
-        return {"similarity_table": (lambda: self._dense_tables()[0], 1)}
+        return {"similarity_table": (self._dense_table, 1)}
 
     def _tensor(self, key, make_array):
         """The array `make_array()` as a tensor, made once and reused.
@@ -361,6 +362,13 @@ class Similarity(ArraySaving):
         if key not in cache:
             cache[key] = _backend.eager_tensor(key, make_array())
         return _backend.as_tensor(cache[key])
+
+    def _dense_table(self):
+        """`S` as a float32 NumPy array, without building `log S` (for the
+        sharded state, which keeps `S` only); not cached unless
+        `_dense_tables` built it."""
+        tables = self.__dict__.get("_tables")
+        return np.asarray(self, dtype=np.float32) if tables is None else tables[0]
 
     def _dense_tables(self):
         """`(S, log S)` as float32 NumPy arrays, built on first use."""
