@@ -329,13 +329,13 @@ def ring_expected(similarity, probabilities):
     if state is None or state.shards == 1 or distribution is None:
         return None
     if similarity.uses_dense_table:
-        travelling, from_shard = (), _dense_expected_from_shard
+        travelling, from_shard, pushes = (), _dense_expected_from_shard, False
     else:
         travelling = similarity._ring_arrays()
         from_shard = similarity._expected_from_shard
+        pushes = similarity._ring_pushes()
     if travelling is None:
         return None
-    pushes = not similarity.uses_dense_table and similarity._ring_pushes()
     import jax
     from jax.sharding import PartitionSpec
 

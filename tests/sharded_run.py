@@ -245,6 +245,18 @@ def top_k_matches(devices):
     return results
 
 
+def model_of(num_classes, layouts):
+    """`Dense(num_classes, name="logits")` on `FEATURES` inputs, built under
+    `ModelParallel` with `layouts`, which stays the active distribution."""
+    import keras
+
+    keras.distribution.set_distribution(
+        keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="batch")
+    )
+    inputs = keras.Input((FEATURES,))
+    return keras.Model(inputs, keras.layers.Dense(num_classes, name="logits")(inputs))
+
+
 def small_blocks(mesh, layout_map):
     """`p @ S`, rows, `log S` rows and pairs over sharded classes against
     NumPy, where each device has a few classes: the dense table of the
@@ -297,15 +309,7 @@ def small_blocks(mesh, layout_map):
     results = {}
     for name, similarity in cases.items():
         num_classes = similarity.num_classes
-        keras.distribution.set_distribution(
-            keras.distribution.ModelParallel(
-                layout_map=layout_map, batch_dim_name="batch"
-            )
-        )
-        inputs = keras.Input((FEATURES,))
-        model = keras.Model(
-            inputs, keras.layers.Dense(num_classes, name="logits")(inputs)
-        )
+        model = model_of(num_classes, layout_map)
         state = ks.sharding.shard_classes(model, similarity)
         matrix = np.asarray(similarity, np.float64)  # NumPy rows
         p = rng.uniform(size=(BATCH, num_classes)) * (
@@ -383,15 +387,6 @@ def errors(makers, layout_map, mesh):
     import keras
 
     import keras_simloss as ks
-
-    def model_of(num_classes, layouts):
-        keras.distribution.set_distribution(
-            keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="batch")
-        )
-        inputs = keras.Input((FEATURES,))
-        return keras.Model(
-            inputs, keras.layers.Dense(num_classes, name="logits")(inputs)
-        )
 
     other = keras.distribution.LayoutMap(mesh)
     other["logits/kernel"] = (None, "batch")
